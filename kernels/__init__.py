@@ -1,0 +1,1 @@
+"""Triton kernels for the CUDA backend (installed as `fastclip.kernels`), one file per op."""
