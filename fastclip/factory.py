@@ -1,0 +1,231 @@
+"""Creating and loading models: ``fastclip.load`` / ``fastclip.create_model`` / ``fastclip.get_tokenizer``."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import hub, keymaps
+from .checkpoints import read_state_dict
+from .config import ModelConfig, PreprocessSpec, get_model_config, list_models, parse_config
+from .errors import CheckpointError, UnknownModelError
+from .model import CLIP
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _dtype(precision: str) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def _attach_io(model: CLIP, tokenizer_dir: Path | None, preprocess_cfg=None) -> CLIP:
+    """Give the model its tokenizer and image preprocessing."""
+    from .preprocess import Preprocess, PreprocessConfig
+
+    cfg, spec = model.cfg, model.cfg.preprocess
+    if preprocess_cfg is None:
+        preprocess_cfg = PreprocessConfig(cfg.vision.image_size, tuple(spec.mean), tuple(spec.std),
+                                          spec.resize_mode, spec.interpolation)
+    model.preprocess = Preprocess(preprocess_cfg)
+    model.tokenizer = _tokenizer_for(cfg, tokenizer_dir)
+    return model
+
+
+def _tokenizer_for(cfg: ModelConfig, tokenizer_dir: Path | None):
+    from .tokenizer import ClipTokenizer, SiglipTokenizer
+
+    if cfg.tokenizer == "clip":
+        return ClipTokenizer(context_length=cfg.text.context_length)
+    if tokenizer_dir is not None:
+        return SiglipTokenizer.from_dir(tokenizer_dir, context_length=cfg.text.context_length)
+    return None  # a random-weight SigLIP model has no tokenizer files; embed_texts says so
+
+
+def _check_keys(model: CLIP, sd: dict, source: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    mis_shaped = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
+                  for k in sorted(set(expected) & set(sd)) if tuple(sd[k].shape) != expected[k]]
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", mis_shaped)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not fit model {model.cfg.name!r}: " + "; ".join(problems))
+
+
+def _build(cfg: ModelConfig, sd: dict, source: str, device, precision: str, backend: str) -> CLIP:
+    """Instantiate on the meta device and assign the checkpoint's tensors (no random init, no copies
+    beyond the final dtype/device cast)."""
+    dtype = _dtype(precision)
+    for key, shape in (("log_logit_scale", ()), ("logit_bias", (1,))):
+        if key in sd and sd[key].numel() == 1:
+            sd[key] = sd[key].reshape(shape)
+    with torch.device("meta"):
+        model = CLIP(cfg, backend="ref")
+    _check_keys(model, sd, source)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model = model.to(device=device, dtype=dtype).eval()
+    return model.set_backend(backend)
+
+
+def create_model(name: str, device="cpu", precision: str = "fp32", backend: str = "auto",
+                 seed: int | None = 0) -> CLIP:
+    """A model of a registered architecture with random weights (OpenCLIP's init scheme)."""
+    cfg = get_model_config(name)
+    model = CLIP(cfg, backend="ref").init_random(seed).to(device=device, dtype=_dtype(precision)).eval()
+    return _attach_io(model.set_backend(backend), None)
+
+
+def _with_quick_gelu(cfg: ModelConfig) -> ModelConfig:
+    return replace(cfg, vision=replace(cfg.vision, act="quick_gelu"), text=replace(cfg.text, act="quick_gelu"))
+
+
+def _weights_file_of(directory: Path) -> Path:
+    for name in _HF_WEIGHTS:
+        if (directory / name).is_file():
+            return directory / name
+    raise CheckpointError(f"no weights in {directory}: expected one of {', '.join(_HF_WEIGHTS)}")
+
+
+def _read_weights(path: Path, trust: bool) -> dict:
+    """A weights file, or a sharded checkpoint's index JSON (each shard read in turn)."""
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        sd = {}
+        for shard in shards:
+            sd.update(read_state_dict(path.parent / shard, trust=trust))
+        return sd
+    return read_state_dict(path, trust=trust)
+
+
+def _load_hf_dir(directory: Path, cfg: ModelConfig | None, device, precision, backend, trust) -> CLIP:
+    from .preprocess import PreprocessConfig
+
+    hf_cfg = json.loads((directory / "config.json").read_text())
+    cfg = cfg or keymaps.config_from_hf(hf_cfg, hf_cfg.get("_name_or_path") or directory.name)
+    weights = _weights_file_of(directory)
+    sd = keymaps.from_hf(_read_weights(weights, trust), cfg)
+    model = _build(cfg, sd, str(weights), device, precision, backend)
+    pre_file = directory / "preprocessor_config.json"
+    pre = PreprocessConfig.from_hf(json.loads(pre_file.read_text())) if pre_file.is_file() else None
+    return _attach_io(model, directory, pre)
+
+
+def _load_openclip_dir(directory: Path, device, precision, backend, trust) -> CLIP:
+    """An OpenCLIP hub repo: open_clip_config.json (model_cfg, preprocess_cfg) + weights."""
+    meta = json.loads((directory / "open_clip_config.json").read_text())
+    raw = dict(meta["model_cfg"])
+    pre = meta.get("preprocess_cfg", {})
+    raw.setdefault("preprocess", {k: pre[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pre})
+    cfg = parse_config(directory.name, raw)
+    weights = next((directory / f for f in hub.OPENCLIP_WEIGHTS if (directory / f).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"no weights in {directory}: expected one of {', '.join(hub.OPENCLIP_WEIGHTS)}")
+    return _from_state_dict(cfg, read_state_dict(weights, trust=trust), str(weights), device, precision, backend)
+
+
+def _from_state_dict(cfg: ModelConfig, sd: dict, source: str, device, precision, backend) -> CLIP:
+    if keymaps.is_hf_layout(sd):
+        sd = keymaps.from_hf(sd, cfg)
+    elif keymaps.is_openclip_layout(sd):
+        sd = keymaps.from_openclip(sd)
+    else:
+        raise CheckpointError(
+            f"checkpoint {source} is neither an OpenAI/OpenCLIP nor a Hugging Face CLIP/SigLIP state dict "
+            f"(first keys: {', '.join(list(sd)[:5])})"
+        )
+    return _attach_io(_build(cfg, sd, source, device, precision, backend), None)
+
+
+def _load_path(path: Path, device, precision, backend, trust) -> CLIP:
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _load_hf_dir(path, None, device, precision, backend, trust)
+        if (path / "open_clip_config.json").is_file():
+            return _load_openclip_dir(path, device, precision, backend, trust)
+        raise CheckpointError(f"{path} holds neither a Hugging Face model (config.json) nor an OpenCLIP one "
+                              f"(open_clip_config.json)")
+    sd = read_state_dict(path, trust=trust)
+    if keymaps.is_hf_layout(sd):
+        raise CheckpointError(f"{path} is a Hugging Face state dict: load its directory (with config.json) instead")
+    cfg = keymaps.infer_openai_config(sd, name=path.stem)
+    return _from_state_dict(cfg, sd, str(path), device, precision, backend)
+
+
+def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None = None, device="cpu",
+         precision: str = "fp32", backend: str = "auto", trust: bool = False) -> CLIP:
+    """Load a model with its weights, tokenizer and preprocessing.
+
+    - ``load("ViT-B-32", pretrained="laion2b_s34b_b79k")``: architecture name + pretrained tag;
+    - ``load("ViT-B-32-quickgelu", pretrained="/path/to/weights.safetensors")``: name + checkpoint
+      (OpenCLIP ``.bin``/``.pt``/``.safetensors``, OpenAI state dict or TorchScript archive, HF state dict);
+    - ``load("/path/to/ViT-B-32.pt")``: an OpenAI checkpoint alone (architecture inferred from shapes);
+    - ``load("/path/to/hf_dir")`` or ``load("openai/clip-vit-base-patch32")``: a transformers
+      CLIPModel/SiglipModel directory or hub id; ``load("hf-hub:laion/...")``: an OpenCLIP hub repo.
+
+    Checkpoints never run code: pickles load with ``weights_only=True`` and TorchScript archives are
+    read as data, unless ``trust=True``. ``backend``: "auto", "ref", "cpp" or "triton".
+    """
+    _dtype(precision)
+    name = os.fspath(name_or_path)
+    if pretrained is None and Path(name).exists():
+        return _load_path(Path(name), device, precision, backend, trust)
+    if name.startswith("hf-hub:"):
+        return _load_path(hub.download_repo(name[len("hf-hub:"):]), device, precision, backend, trust)
+    if name not in list_models() and name.replace("/", "-") not in list_models():
+        if "/" in name and pretrained is None and not name.startswith((".", "/", "~")):
+            return _load_path(hub.download_repo(name), device, precision, backend, trust)
+        raise UnknownModelError(f"{name!r} is neither a file, a directory, a hub id nor a known architecture "
+                                f"(see fastclip.list_models())")
+    cfg = get_model_config(name)
+    if pretrained is None:
+        tags = ", ".join(hub.pretrained_tags(cfg.name)) or "none published"
+        raise ValueError(f"load({name!r}) needs pretrained= a tag ({tags}) or a checkpoint path; "
+                         f"fastclip.create_model({name!r}) makes a randomly initialised model")
+    path = Path(os.fspath(pretrained)).expanduser()
+    if path.exists():
+        if path.is_dir():
+            if (path / "config.json").is_file():
+                return _load_hf_dir(path, cfg, device, precision, backend, trust)
+            return _load_path(path, device, precision, backend, trust)
+        return _from_state_dict(cfg, read_state_dict(path, trust=trust), str(path), device, precision, backend)
+    entry = hub.pretrained_entry(cfg.name, os.fspath(pretrained))
+    if entry.get("quick_gelu"):
+        cfg = _with_quick_gelu(cfg)
+    if entry.get("preprocess"):
+        cfg = replace(cfg, preprocess=replace(cfg.preprocess, **{k: tuple(v) if isinstance(v, list) else v
+                                                                 for k, v in entry["preprocess"].items()}))
+    if entry["format"] == "hf":
+        return _load_hf_dir(hub.download_repo(entry["hf_hub"]), cfg, device, precision, backend, trust)
+    weights = hub.download_openclip_weights(entry["hf_hub"])
+    return _from_state_dict(cfg, read_state_dict(weights, trust=trust), str(weights), device, precision, backend)
+
+
+def get_tokenizer(name_or_path: str | os.PathLike):
+    """The tokenizer of an architecture name, a model directory, or a hub id."""
+    from .tokenizer import ClipTokenizer, tokenizer_from_dir
+
+    name = os.fspath(name_or_path)
+    if Path(name).is_dir():
+        return tokenizer_from_dir(name)
+    if name in list_models():
+        cfg = get_model_config(name)
+        if cfg.tokenizer == "clip":
+            return ClipTokenizer(context_length=cfg.text.context_length)
+        tags = hub.pretrained_tags(name)
+        if not tags:
+            raise UnknownModelError(f"{name} has no published tokenizer; pass a directory with tokenizer files")
+        repo = hub.pretrained_entry(name, tags[0])["hf_hub"]
+        return tokenizer_from_dir(hub.download_repo(repo, ["*.json", "*.model", "*.txt"]), cfg.text.context_length)
+    if "/" in name:
+        return tokenizer_from_dir(hub.download_repo(name.removeprefix("hf-hub:"), ["*.json", "*.model", "*.txt"]))
+    raise UnknownModelError(f"unknown model {name!r} (see fastclip.list_models())")

@@ -1,0 +1,108 @@
+"""Reference ops: plain, readable PyTorch. The source of truth for every fused kernel.
+
+Every op takes ``upcast=False``; with ``upcast=True`` it computes in float32 and returns the input
+dtype, which is what the tests use to build the fp32 reference for low-precision kernels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
+
+
+def _maybe_upcast(upcast: bool, *tensors):
+    if not upcast:
+        return tensors
+    return tuple(None if t is None else t.float() for t in tensors)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, upcast: bool = False):
+    """y = x @ weight.T + bias.  x: (..., K), weight: (N, K), bias: (N,) -> (..., N)."""
+    dtype = x.dtype
+    x, weight, bias = _maybe_upcast(upcast, x, weight, bias)
+    return F.linear(x, weight, bias).to(dtype)
+
+
+def activation(x: torch.Tensor, act: str) -> torch.Tensor:
+    """Elementwise activation by name (see ACTIVATIONS)."""
+    if act == "none":
+        return x
+    if act == "gelu":
+        return F.gelu(x)
+    if act == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if act == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+
+
+def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool = False) -> torch.Tensor:
+    """act(x + bias).  x: (..., N), bias: (N,) or None -> (..., N)."""
+    dtype = x.dtype
+    x, bias = _maybe_upcast(upcast, x, bias)
+    if bias is not None:
+        x = x + bias
+    return activation(x, act).to(dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, upcast: bool = False):
+    """LayerNorm over the last dim.  x: (..., D), weight/bias: (D,) -> (..., D), in x's dtype.
+
+    Low-precision inputs are normalised in float32 (as OpenCLIP's LayerNormFp32 does).
+    """
+    dtype = x.dtype
+    if upcast or dtype in (torch.float16, torch.bfloat16):
+        x, weight, bias = x.float(), weight.float(), bias.float()
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps).to(dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, upcast: bool = False):
+    """softmax(q k^T / sqrt(Dh) [+ causal mask]) v.
+
+    q: (B, H, Lq, Dh), k/v: (B, H, Lk, Dh) -> (B, H, Lq, Dh). With ``causal``, query i sees keys
+    0..i (Lq == Lk required).
+    """
+    dtype = q.dtype
+    q, k, v = _maybe_upcast(upcast, q, k, v)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, Lq, Lk)
+    if causal:
+        if q.shape[-2] != k.shape[-2]:
+            raise ValueError(f"causal attention needs Lq == Lk, got {q.shape[-2]} and {k.shape[-2]}")
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu_(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).to(dtype)
+
+
+def normalize_project(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    proj: torch.Tensor | None,
+    proj_bias: torch.Tensor | None = None,
+    normalize: bool = False,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Final head of a tower: LayerNorm -> x @ proj (+ proj_bias) -> optional L2 normalisation.
+
+    x: (B, W) pooled tokens, proj: (W, E) or None (identity), proj_bias: (E,) -> (B, E).
+    """
+    dtype = x.dtype
+    x, ln_weight, ln_bias, proj, proj_bias = _maybe_upcast(upcast, x, ln_weight, ln_bias, proj, proj_bias)
+    y = layer_norm(x, ln_weight, ln_bias, eps)
+    if proj is not None:
+        y = y @ proj
+    if proj_bias is not None:
+        y = y + proj_bias
+    if normalize:
+        y = F.normalize(y, dim=-1)
+    return y.to(dtype)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise L2 normalisation.  x: (B, E) -> (B, E)."""
+    return F.normalize(x, dim=-1)

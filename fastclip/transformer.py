@@ -1,0 +1,219 @@
+"""Transformer towers, written once; every compute op goes through an OpTable (fastclip/ops.py).
+
+Parameter names follow OpenAI CLIP / OpenCLIP, so their state dicts load without renaming
+(fastclip/keymaps.py maps the Hugging Face layouts onto these names).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TextConfig, VisionConfig
+from .ops import OpTable
+
+
+class LayerNorm(nn.LayerNorm):
+    """Holds LayerNorm parameters; applied through ``ops.layer_norm``."""
+
+    def apply_op(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class MultiheadAttention(nn.Module):
+    """Attention with packed q/k/v projection weights (OpenAI's ``in_proj_weight`` layout).
+
+    in_proj_weight: (3W, W) = [Wq; Wk; Wv], in_proj_bias: (3W,), out_proj: W -> W.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.width, self.heads = width, heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def self_attention(self, x: torch.Tensor, ops: OpTable, causal: bool) -> torch.Tensor:
+        """x: (B, L, W) -> (B, L, W)."""
+        B, L, W = x.shape
+        qkv = ops.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3W)
+        qkv = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, L, Dh)
+        out = ops.attention(qkv[0], qkv[1], qkv[2], causal=causal)  # (B, H, L, Dh)
+        out = out.transpose(1, 2).reshape(B, L, W)
+        return ops.linear(out, self.out_proj.weight, self.out_proj.bias)
+
+    def cross_attention(self, query: torch.Tensor, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        """query: (B, Q, W) attends to x: (B, L, W) -> (B, Q, W)."""
+        B, L, W = x.shape
+        Q, H, Dh = query.shape[1], self.heads, W // self.heads
+        wq, wkv = self.in_proj_weight.split([W, 2 * W])
+        bq, bkv = self.in_proj_bias.split([W, 2 * W])
+        q = ops.linear(query, wq, bq).view(B, Q, H, Dh).transpose(1, 2)  # (B, H, Q, Dh)
+        kv = ops.linear(x, wkv, bkv).view(B, L, 2, H, Dh).permute(2, 0, 3, 1, 4)  # (2, B, H, L, Dh)
+        out = ops.attention(q, kv[0], kv[1], causal=False).transpose(1, 2).reshape(B, Q, W)
+        return ops.linear(out, self.out_proj.weight, self.out_proj.bias)
+
+
+class Mlp(nn.Module):
+    """c_fc (W -> M) -> activation -> c_proj (M -> W)."""
+
+    def __init__(self, width: int, mlp_width: int, act: str):
+        super().__init__()
+        self.act = act
+        self.c_fc = nn.Linear(width, mlp_width)
+        self.c_proj = nn.Linear(mlp_width, width)
+
+    def apply_op(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        h = ops.bias_act(ops.linear(x, self.c_fc.weight), self.c_fc.bias, self.act)  # (..., M)
+        return ops.linear(h, self.c_proj.weight, self.c_proj.bias)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm block: x + attn(ln_1(x)); x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, act: str, eps: float):
+        super().__init__()
+        self.ln_1 = LayerNorm(width, eps=eps)
+        self.attn = MultiheadAttention(width, heads)
+        self.ln_2 = LayerNorm(width, eps=eps)
+        self.mlp = Mlp(width, mlp_width, act)
+
+    def apply_op(self, x: torch.Tensor, ops: OpTable, causal: bool) -> torch.Tensor:
+        x = x + self.attn.self_attention(self.ln_1.apply_op(x, ops), ops, causal)
+        return x + self.mlp.apply_op(self.ln_2.apply_op(x, ops), ops)
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, act: str, eps: float):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, heads, mlp_width, act, eps) for _ in range(layers)]
+        )
+
+    def apply_op(self, x: torch.Tensor, ops: OpTable, causal: bool) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block.apply_op(x, ops, causal)
+        return x
+
+
+class AttentionPool(nn.Module):
+    """SigLIP's multi-head attention-pooling head: a learned probe attends to all tokens, then an MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, act: str, eps: float):
+        super().__init__()
+        self.probe = nn.Parameter(torch.empty(1, 1, width))
+        self.attn = MultiheadAttention(width, heads)
+        self.ln = LayerNorm(width, eps=eps)
+        self.mlp = Mlp(width, mlp_width, act)
+
+    def apply_op(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        """x: (B, L, W) -> (B, W)."""
+        probe = self.probe.expand(x.shape[0], -1, -1)  # (B, 1, W)
+        h = self.attn.cross_attention(probe, x, ops)  # (B, 1, W)
+        h = h + self.mlp.apply_op(self.ln.apply_op(h, ops), ops)
+        return h[:, 0]
+
+
+class VisionTransformer(nn.Module):
+    """ViT image tower.  Pixels (B, 3, S, S) -> embeddings (B, embed_dim)."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.conv1 = nn.Conv2d(3, w, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        if cfg.class_token:
+            self.class_embedding = nn.Parameter(torch.empty(w))
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.num_tokens, w))
+        if cfg.ln_pre:
+            self.ln_pre = LayerNorm(w, eps=cfg.norm_eps)
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_width, cfg.act, cfg.norm_eps)
+        self.ln_post = LayerNorm(w, eps=cfg.norm_eps)
+        if cfg.pool_type == "map":
+            self.attn_pool = AttentionPool(w, cfg.heads, cfg.mlp_width, cfg.act, cfg.norm_eps)
+        self.proj = nn.Parameter(torch.empty(w, embed_dim)) if cfg.proj else None
+
+    def tokens(self, pixels: torch.Tensor, ops: OpTable) -> torch.Tensor:
+        """pixels: (B, 3, S, S) -> final tokens before pooling (B, T, W)."""
+        x = self.conv1(pixels.to(self.conv1.weight.dtype))  # (B, W, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, W)
+        if self.cfg.class_token:
+            cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1)  # (B, 1 + grid*grid, W)
+        x = x + self.positional_embedding.to(x.dtype)
+        if self.cfg.ln_pre:
+            x = self.ln_pre.apply_op(x, ops)
+        return self.transformer.apply_op(x, ops, causal=False)
+
+    def apply_op(self, pixels: torch.Tensor, ops: OpTable, normalize: bool = False) -> torch.Tensor:
+        cfg = self.cfg
+        expected = (3, cfg.image_size, cfg.image_size)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+            raise ValueError(f"expected pixels of shape (B, {', '.join(map(str, expected))}), got {tuple(pixels.shape)}")
+        x = self.tokens(pixels, ops)  # (B, T, W)
+        ln = self.ln_post
+        if cfg.pool_type == "map":
+            pooled = self.attn_pool.apply_op(ln.apply_op(x, ops), ops)  # (B, W)
+            return _project(pooled, self.proj, None, ops, normalize)
+        if cfg.pool_type == "tok":
+            # LayerNorm is per token, so normalising the class token alone is exact.
+            return ops.normalize_project(x[:, 0], ln.weight, ln.bias, ln.eps, self.proj, None, normalize)
+        patches = x[:, int(cfg.class_token):]  # (B, grid*grid, W)
+        if cfg.final_ln_after_pool:
+            return ops.normalize_project(patches.mean(dim=1), ln.weight, ln.bias, ln.eps, self.proj, None, normalize)
+        return _project(ln.apply_op(patches, ops).mean(dim=1), self.proj, None, ops, normalize)
+
+
+def _project(x, proj, bias, ops: OpTable, normalize: bool) -> torch.Tensor:
+    if proj is not None:
+        x = x @ proj
+    if bias is not None:
+        x = x + bias
+    return ops.l2_normalize(x) if normalize else x
+
+
+class TextTransformer(nn.Module):
+    """Text tower.  Token ids (B, L) -> embeddings (B, embed_dim)."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_width, cfg.act, cfg.norm_eps)
+        self.ln_final = LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
+        self.text_projection_bias = nn.Parameter(torch.empty(embed_dim)) if cfg.proj_bias else None
+
+    def pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Position of the pooled token in each row.  tokens: (B, L) -> (B,) int64."""
+        B, L = tokens.shape
+        kind = self.cfg.pool_type
+        if kind == "argmax":
+            return tokens.argmax(dim=-1)
+        if kind == "eos":
+            return (tokens == self.cfg.eos_token_id).int().argmax(dim=-1)
+        return torch.full((B,), L - 1 if kind == "last" else 0, dtype=torch.long, device=tokens.device)
+
+    def apply_op(self, tokens: torch.Tensor, ops: OpTable, normalize: bool = False) -> torch.Tensor:
+        cfg = self.cfg
+        if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"expected integer token ids of shape (B, L), got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.shape[1] > cfg.context_length:
+            raise ValueError(f"token sequence length {tokens.shape[1]} exceeds the context length {cfg.context_length}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        tokens = tokens.long()
+        index = self.pool_index(tokens)  # (B,)
+        if cfg.causal and cfg.pool_type in ("argmax", "eos", "first") and tokens.shape[0]:
+            # Exact: with a causal mask no position sees a later one, so tokens after the last pooled
+            # position cannot change the pooled outputs.
+            tokens = tokens[:, : int(index.max()) + 1]
+        L = tokens.shape[1]
+        dtype = self.positional_embedding.dtype
+        x = self.token_embedding(tokens).to(dtype) + self.positional_embedding[:L]  # (B, L, W)
+        x = self.transformer.apply_op(x, ops, causal=cfg.causal)
+        pooled = x[torch.arange(x.shape[0], device=x.device), index]  # (B, W)
+        ln = self.ln_final
+        return ops.normalize_project(
+            pooled, ln.weight, ln.bias, ln.eps, self.text_projection, self.text_projection_bias, normalize
+        )
