@@ -1,0 +1,147 @@
+"""The ``fastclip`` command: ``models``, ``embed``, ``info``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _expand_paths(paths: list[str]) -> list[str]:
+    """Files as given; directories expanded (recursively, sorted) to the image files they hold."""
+    out = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            out.extend(str(f) for f in sorted(path.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            out.append(p)  # a missing file is reported as a bad item, naming it
+    return out
+
+
+def _write(out: Path, names: list[str], vectors) -> None:
+    import numpy as np
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, vectors)
+        out.with_suffix(".paths.txt").write_text("".join(n + "\n" for n in names))
+    elif out.suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SystemExit("writing .parquet needs pyarrow: pip install 'fastclip[parquet]'") from None
+        dim = vectors.shape[1]
+        flat = pa.array(vectors.reshape(-1), type=pa.float32())
+        column = pa.FixedSizeListArray.from_arrays(flat, dim)
+        pq.write_table(pa.table({"path": pa.array(names, pa.string()), "embedding": column}), out)
+    else:
+        raise SystemExit(f"--out must end in .npy or .parquet, got {out}")
+
+
+def cmd_embed(args) -> int:
+    import fastclip
+
+    items = _expand_paths(args.paths)
+    if not items:
+        print("fastclip embed: no input images found", file=sys.stderr)
+        return 2
+    model = fastclip.load(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision,
+                          backend=args.backend)
+    result = model.embed_images(items, batch_size=args.batch_size, progress=not args.quiet, on_error=args.on_error)
+    if args.on_error == "skip":
+        vectors, kept, errors = result.embeddings, result.indices.tolist(), result.errors
+        for err in errors:
+            print(f"skipped {err}", file=sys.stderr)
+    else:
+        vectors, kept, errors = result, list(range(len(items))), []
+    _write(Path(args.out), [items[i] for i in kept], vectors)
+    print(f"wrote {vectors.shape[0]} embeddings of dimension {vectors.shape[1]} to {args.out}"
+          + (f" ({len(errors)} skipped)" if errors else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_models(args) -> int:
+    import fastclip
+    from fastclip.hub import pretrained_tags
+
+    for name in fastclip.list_models():
+        tags = pretrained_tags(name)
+        if args.pretrained_only and not tags:
+            continue
+        print(f"{name:32s} {' '.join(tags)}".rstrip())
+    return 0
+
+
+def cmd_info(args) -> int:
+    import importlib.util
+    import platform
+
+    import torch
+
+    import fastclip
+    from fastclip.ops import resolve_backend
+
+    cuda = torch.cuda.is_available()
+    rows = [
+        ("fastclip", fastclip.__version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("threads", str(torch.get_num_threads())),
+        ("cpu backend (auto)", resolve_backend("auto", "cpu")),
+        ("C++ extension", "built" if importlib.util.find_spec("fastclip._C") else "not built"),
+        ("triton", "installed" if importlib.util.find_spec("triton") else "not installed"),
+        ("cuda devices", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else "none"),
+    ]
+    if cuda:
+        rows.append(("cuda backend (auto)", resolve_backend("auto", "cuda")))
+    if os.environ.get("FASTCLIP_BACKEND"):
+        rows.append(("FASTCLIP_BACKEND", os.environ["FASTCLIP_BACKEND"]))
+    for key, value in rows:
+        print(f"{key:20s} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastclip", description="CLIP / OpenCLIP / SigLIP embeddings")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list architectures and their pretrained tags")
+    p.add_argument("--pretrained-only", action="store_true", help="only architectures with published weights")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("embed", help="embed image files into a .npy or .parquet file")
+    p.add_argument("paths", nargs="+", help="image files or directories (searched recursively)")
+    p.add_argument("--model", required=True, help="architecture name, checkpoint path, HF directory or hub id")
+    p.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint path (with an architecture name)")
+    p.add_argument("--out", required=True, help="output file: .npy (plus .paths.txt) or .parquet (path + embedding)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--backend", default="auto", choices=["auto", "ref", "cpp", "triton"])
+    p.add_argument("--on-error", default="skip", choices=["skip", "raise"],
+                   help="skip unreadable images (reported on stderr) or stop at the first one")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("info", help="version, backends, threads and devices")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fastclip.errors import FastclipError
+
+    try:
+        return args.func(args)
+    except FastclipError as exc:
+        print(f"fastclip {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Batch-embedding API: embed_images / embed_texts / classify, on a tiny registered CLIP config."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastclip
+from fastclip.errors import ImageLoadError, ItemError
+
+TINY = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny-test-clip.json"
+    path.write_text(json.dumps(TINY))
+    assert fastclip.add_model_config(path) == ["tiny-test-clip"]
+    return fastclip.create_model("tiny-test-clip", seed=0)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Three photos of different sizes, saved as files; returns (paths, PIL images)."""
+    from skimage import data
+
+    d = tmp_path_factory.mktemp("img")
+    arrays = [data.astronaut(), data.coffee(), data.chelsea()]
+    paths = []
+    for i, a in enumerate(arrays):
+        paths.append(str(d / f"img{i}.png"))
+        Image.fromarray(a).save(paths[-1])
+    return paths, [Image.open(p).convert("RGB") for p in paths]
+
+
+def _direct(model, pil_images):
+    """Independent path: preprocess each image alone, encode, normalise with numpy."""
+    pixels = torch.stack([model.preprocess(im) for im in pil_images])
+    with torch.no_grad():
+        emb = model.encode_image(pixels).numpy()
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def test_embed_images_every_input_kind(model, images):
+    paths, pils = images
+    expected = _direct(model, pils)
+    as_bytes = [open(p, "rb").read() for p in paths]
+    as_arrays = [np.asarray(im) for im in pils]
+    for items in (paths, pils, as_bytes, as_arrays):
+        out = model.embed_images(items, batch_size=2)
+        assert out.dtype == np.float32 and out.shape == (3, TINY["embed_dim"])
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_batch_size_does_not_change_results(model, images):
+    paths, _ = images
+    items = paths * 3  # 9 items, batch sizes that do and don't divide it
+    full = model.embed_images(items, batch_size=9)
+    for bs in (1, 2, 4):
+        np.testing.assert_allclose(model.embed_images(items, batch_size=bs, progress=bs == 4), full, atol=1e-5)
+
+
+def test_bad_image_names_item_and_skip_keeps_the_rest(model, images, tmp_path):
+    paths, pils = images
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    missing = str(tmp_path / "missing.png")
+    items = [paths[0], missing, paths[1], str(corrupt), paths[2]]
+    with pytest.raises(ImageLoadError, match="missing.png") as info:
+        model.embed_images(items, batch_size=2)
+    assert info.value.index == 1
+    result = model.embed_images(items, batch_size=2, on_error="skip")
+    assert result.indices.tolist() == [0, 2, 4]
+    assert sorted(e.index for e in result.errors) == [1, 3]
+    assert any("corrupt.jpg" in str(e) for e in result.errors)
+    np.testing.assert_allclose(result.embeddings, _direct(model, pils), atol=1e-5)
+
+
+def test_embed_texts(model):
+    texts = ["a photo of a cat", "a diagram", "Ünïcödé ✨ text", "x " * 200]
+    out = model.embed_texts(texts, batch_size=3)
+    tokens = model.tokenizer(texts)
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1).numpy()
+    np.testing.assert_allclose(out, direct, atol=1e-5)
+    with pytest.raises(ItemError, match="item 1"):
+        model.embed_texts(["ok", "   ", "fine"])
+    result = model.embed_texts(["ok", "", "fine", 3], on_error="skip")
+    assert result.indices.tolist() == [0, 2] and len(result.errors) == 2
+    np.testing.assert_allclose(result.embeddings, model.embed_texts(["ok", "fine"]), atol=1e-6)
+    with pytest.raises(TypeError):
+        model.embed_texts("a bare string")
+
+
+def test_classify_prompt_ensemble(model, images):
+    _, pils = images
+    labels, templates = ["cat", "coffee", "astronaut"], ["a photo of a {}.", "a drawing of a {}."]
+    probs = model.classify(pils, labels, templates=templates)
+    assert probs.shape == (3, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # independent computation of the same ensemble
+    with torch.no_grad():
+        cls = []
+        for label in labels:
+            e = torch.nn.functional.normalize(model.encode_text(model.tokenizer([t.format(label) for t in templates])), dim=-1)
+            cls.append(torch.nn.functional.normalize(e.mean(0), dim=-1))
+        img = torch.from_numpy(_direct(model, pils))
+        expected = torch.softmax(model.logit_scale * img @ torch.stack(cls).T, dim=-1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="placeholder"):
+        model.classify(pils, labels, templates=["no placeholder"])
+
+
+def test_encode_shape_errors(model):
+    with pytest.raises(ValueError, match="pixels of shape"):
+        model.encode_image(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="token ids"):
+        model.encode_text(torch.zeros(2, 77))
+    with pytest.raises(ValueError, match="context length"):
+        model.encode_text(torch.zeros(2, 78, dtype=torch.long))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_close_to_fp32(model, images, precision):
+    _, pils = images
+    low = fastclip.create_model("tiny-test-clip", seed=0, precision=precision)
+    ref = model.embed_images(pils)
+    out = low.embed_images(pils)
+    cos = (out * ref).sum(axis=1)
+    assert cos.min() > 0.99, cos
+
+
+def test_logit_scale_and_repr(model):
+    assert torch.isclose(model.logit_scale, torch.tensor(1 / 0.07))
+    assert model.logit_bias is None
+    assert "backend='ref'" in repr(model) or "backend='cpp'" in repr(model)

@@ -1,0 +1,87 @@
+"""The fastclip command line: embed (npy, parquet), models, info."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastclip
+from fastclip.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small OpenAI-layout CLIP checkpoint (architecture inferred from its shapes when loaded)."""
+    import open_clip
+
+    cfg = dict(embed_dim=64, quick_gelu=True,
+               vision_cfg=dict(image_size=64, patch_size=32, width=128, layers=2),
+               text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2))
+    torch.manual_seed(0)
+    upstream = open_clip.model.CLIP(
+        embed_dim=64, vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"], quick_gelu=True)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-openai.pt"
+    torch.save(upstream.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    from skimage import data
+
+    d = tmp_path_factory.mktemp("photos")
+    Image.fromarray(data.astronaut()).save(d / "a.png")
+    Image.fromarray(data.coffee()).save(d / "b.jpg")
+    (d / "sub").mkdir()
+    Image.fromarray(data.chelsea()).save(d / "sub" / "c.png")
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return d
+
+
+def test_embed_npy_and_parquet(checkpoint, image_dir, tmp_path, capsys):
+    files = sorted(str(p) for p in image_dir.rglob("*") if p.is_file())
+    good = [f for f in files if "broken" not in f]
+    expected = fastclip.load(checkpoint).embed_images(good)
+
+    out = tmp_path / "emb.npy"
+    assert main(["embed", str(image_dir), "--model", str(checkpoint), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "1 skipped" in err
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-6)
+    assert out.with_suffix(".paths.txt").read_text().split() == good
+
+    import pyarrow.parquet as pq
+
+    pq_out = tmp_path / "emb.parquet"
+    assert main(["embed", *good, "--model", str(checkpoint), "--out", str(pq_out), "-q"]) == 0
+    table = pq.read_table(pq_out)
+    assert table.column("path").to_pylist() == good
+    np.testing.assert_allclose(np.array(table.column("embedding").to_pylist(), dtype=np.float32), expected, atol=1e-6)
+
+
+def test_embed_raise_mode_and_bad_model(checkpoint, image_dir, tmp_path, capsys):
+    out = tmp_path / "x.npy"
+    assert main(["embed", str(image_dir), "--model", str(checkpoint), "--out", str(out), "--on-error", "raise"]) == 1
+    assert "broken.png" in capsys.readouterr().err
+    assert main(["embed", str(image_dir), "--model", "ViT-Nope-1", "--out", str(out)]) == 1
+    assert "ViT-Nope-1" in capsys.readouterr().err
+
+
+def test_models_and_info(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    b32 = next(line for line in lines if line.split()[0] == "ViT-B-32")
+    assert "openai" in b32.split() and "laion2b_s34b_b79k" in b32.split()
+    assert any(line.split()[0] == "ViT-B-16-SigLIP" for line in lines)
+    assert main(["info"]) == 0
+    info = capsys.readouterr().out
+    assert fastclip.__version__ in info and "cpu backend (auto)" in info and "threads" in info
+
+
+def test_console_script_installed():
+    proc = subprocess.run([sys.executable, "-m", "fastclip.cli", "models", "--pretrained-only"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ViT-L-14-336-quickgelu" in proc.stdout
