@@ -1,0 +1,295 @@
+"""Decoding image items into RGB PIL images.
+
+``load_image`` accepts every kind of image item fastclip takes (a path, encoded bytes, a PIL image, a
+numpy array or a torch tensor) and returns an 8-bit RGB ``PIL.Image.Image`` of shape (H, W, 3) once
+converted with ``np.asarray``. ``load_images`` does the same for a list of items in a thread pool.
+
+Conversion rules (every PIL mode ends as 8-bit RGB):
+
+* EXIF orientation is applied (``PIL.ImageOps.exif_transpose``) for files, bytes and PIL images, so a
+  phone photo comes out upright. A malformed EXIF block is ignored rather than failing the image.
+* Alpha is *dropped*, exactly as open_clip's ``_convert_to_rgb`` / ``MaybeConvertMode`` do
+  (``image.convert("RGB")``): RGBA, LA, PA and palette images with transparency keep their colour
+  values where alpha is 0. This is a deliberate choice so that embeddings equal the open_clip
+  reference; note that transformers (>= 5) instead composites alpha onto white, so results for
+  transparent images differ from transformers' processors (not from open_clip's).
+* 16-bit greyscale (``I;16``, ``I;16B``, ``I;16L``, ``I;16N`` and ``I``, which Pillow uses for 16-bit
+  PNGs) is scaled to 8 bits as ``round(v / 257)`` (i.e. 65535 -> 255); ``I`` values are clipped to
+  [0, 65535] first. Pillow's own ``convert`` would clip at 255 instead, turning most of the image white.
+* ``F`` (32-bit float) follows Pillow's convention that the range is 0..255: rounded to nearest,
+  clipped, NaN -> 0.
+* 1, L, P, CMYK, YCbCr, LAB, HSV, RGBX, RGBa, La: Pillow's ``convert`` (via LA for La).
+
+Arrays: numpy (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) with dtype uint8, uint16 (scaled by 1/257),
+bool, or float in [0, 1] (scaled by 255 and rounded; values outside [-1e-3, 1 + 1e-3] or non-finite
+are an error, since they usually mean a 0..255 float image). Torch tensors: (3, H, W), (1, H, W),
+(4, H, W), (H, W, 3), (H, W, 1), (H, W, 4) or (H, W) - leading size 1, 3 or 4 means channels-first -
+of dtype uint8 / float / bool; they are moved to the CPU and treated as the numpy array.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageLoadError
+
+DEFAULT_MAX_PIXELS = 178_956_970  # = 2 * PIL.Image.MAX_IMAGE_PIXELS, where Pillow itself refuses
+
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+__all__ = ["load_image", "load_images", "describe_item", "DEFAULT_MAX_PIXELS"]
+
+
+def describe_item(item: Any) -> str:
+    """A short description of an item for error messages: the path itself, or its type and size."""
+    if isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        return path if isinstance(path, str) else repr(path)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return f"<{type(item).__name__} of {memoryview(item).nbytes} bytes>"
+    if isinstance(item, Image.Image):
+        return f"<PIL.Image mode={item.mode} size={item.size[0]}x{item.size[1]}>"
+    if isinstance(item, np.ndarray):
+        return f"<numpy.ndarray shape={tuple(item.shape)} dtype={item.dtype}>"
+    shape, dtype = getattr(item, "shape", None), getattr(item, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"<{type(item).__module__}.{type(item).__name__} shape={tuple(shape)} dtype={dtype}>"
+    return f"<{type(item).__module__}.{type(item).__name__}>"
+
+
+def _u16_to_u8(a: np.ndarray) -> np.ndarray:
+    """uint16-range integers -> uint8 as round(v / 257) (exact: 257 is odd so there are no ties)."""
+    a = np.clip(a.astype(np.int64, copy=False), 0, 65535)
+    return ((a + 128) // 257).astype(np.uint8)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (see the module docstring for the rules)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT:
+        return Image.fromarray(_u16_to_u8(np.asarray(img))).convert("RGB")
+    if mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        # Same colours as convert("RGB") (checked in tests) without Pillow's "should be converted to
+        # RGBA" warning for byte-string transparency.
+        return img.convert("RGBA").convert("RGB")
+    if mode == "La":
+        img = img.convert("LA")
+    return img.convert("RGB")
+
+
+def _check_size(size: tuple[int, int], max_pixels: int, index, desc) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageLoadError(f"image has zero size ({w}x{h})", index=index, item=desc)
+    if w * h > max_pixels:
+        raise ImageLoadError(
+            f"image has too many pixels ({w}x{h} = {w * h} > max_pixels={max_pixels}); "
+            "refusing to decode a possible decompression bomb", index=index, item=desc)
+
+
+def _array_to_rgb(a: np.ndarray, index, desc, max_pixels: int) -> Image.Image:
+    """(H, W[, C]) numpy array -> RGB PIL image, following the module docstring."""
+    if a.ndim == 3 and a.shape[2] in (1, 3, 4):
+        pass
+    elif a.ndim == 2:
+        a = a[:, :, None]
+    else:
+        raise ImageLoadError(
+            f"unsupported array shape {tuple(a.shape)}: expected (H, W), (H, W, 1), (H, W, 3) or "
+            "(H, W, 4) (torch tensors may also be channels-first)", index=index, item=desc)
+    _check_size((a.shape[1], a.shape[0]), max_pixels, index, desc)
+    if a.dtype == np.uint8:
+        a8 = a
+    elif a.dtype == np.bool_:
+        a8 = a.astype(np.uint8) * 255
+    elif a.dtype == np.uint16:
+        a8 = _u16_to_u8(a)
+    elif a.dtype.kind == "f":
+        f = a.astype(np.float32, copy=False) if a.itemsize < 4 else a
+        if not np.isfinite(f).all():
+            raise ImageLoadError("float array contains NaN or infinity", index=index, item=desc)
+        lo, hi = float(f.min()), float(f.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ImageLoadError(
+                f"float array values must be in [0, 1], got [{lo:g}, {hi:g}] (divide 0..255 data by 255)",
+                index=index, item=desc)
+        a8 = np.rint(np.clip(f, 0, 1) * 255).astype(np.uint8)
+    else:
+        raise ImageLoadError(f"unsupported array dtype {a.dtype}: expected uint8, uint16, bool or float "
+                             "in [0, 1]", index=index, item=desc)
+    c = a8.shape[2]
+    if c == 1:
+        a8 = np.repeat(a8, 3, axis=2)
+    elif c == 4:
+        a8 = a8[:, :, :3]  # drop alpha, as PIL's RGBA -> RGB convert does
+    return Image.fromarray(np.ascontiguousarray(a8))
+
+
+def _tensor_to_array(t, index, desc) -> np.ndarray:
+    """torch tensor (C, H, W) / (H, W, C) / (H, W) -> numpy (H, W[, C]) on the CPU."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    if t.ndim == 3 and t.shape[0] in (1, 3, 4):
+        t = t.permute(1, 2, 0)
+    elif not (t.ndim == 2 or (t.ndim == 3 and t.shape[2] in (1, 3, 4))):
+        raise ImageLoadError(f"unsupported tensor shape {tuple(t.shape)}: expected (3, H, W) or (H, W, 3)",
+                             index=index, item=desc)
+    try:
+        return t.contiguous().numpy()
+    except TypeError as e:  # dtypes numpy lacks
+        raise ImageLoadError(f"unsupported tensor dtype {t.dtype}: {e}", index=index, item=desc) from None
+
+
+def _decode(fp, index, desc, max_pixels: int) -> Image.Image:
+    """Open + fully decode an encoded image from a binary file object; size checked before decoding."""
+    try:
+        img = Image.open(fp)
+    except UnidentifiedImageError:
+        raise ImageLoadError("not a recognised image file (unknown format or corrupt header)",
+                             index=index, item=desc) from None
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"image has too many pixels (decompression bomb): {e}",
+                             index=index, item=desc) from None
+    except Exception as e:  # Pillow raises many types for bad headers
+        raise ImageLoadError(f"cannot open image: {type(e).__name__}: {e}", index=index, item=desc) from None
+    _check_size(img.size, max_pixels, index, desc)
+    try:
+        img.load()  # force decoding now so corrupt / truncated data is caught here
+    except Exception as e:
+        raise ImageLoadError(f"corrupt or truncated image data: {type(e).__name__}: {e}",
+                             index=index, item=desc) from None
+    return img
+
+
+def load_image(item: Any, *, index: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load one image item and return it as an RGB PIL image (size W x H, mode "RGB").
+
+    Args:
+        item: a path (``str`` / ``os.PathLike``), encoded file content (``bytes`` / ``bytearray`` /
+            ``memoryview``; never interpreted as a path), a ``PIL.Image.Image``, a numpy array or a
+            torch tensor (see the module docstring for accepted shapes and dtypes).
+        index: position of the item in the caller's batch, reported in errors.
+        max_pixels: refuse images with more pixels than this (checked from the header, before
+            decoding). Pillow's own limit (2 * ``PIL.Image.MAX_IMAGE_PIXELS``) still applies on top.
+
+    Returns an RGB image; an RGB, upright PIL image given as ``item`` is returned as is (not copied).
+
+    Raises:
+        ImageLoadError: naming the item (the path, or its type) and ``index``, with the reason.
+    """
+    desc = describe_item(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        img = _decode(io.BytesIO(item), index, desc, max_pixels)
+    elif isinstance(item, (str, os.PathLike)):
+        try:
+            with open(item, "rb") as f:
+                img = _decode(f, index, desc, max_pixels)
+        except FileNotFoundError:
+            raise ImageLoadError("file not found", index=index, item=desc) from None
+        except IsADirectoryError:
+            raise ImageLoadError("path is a directory, not an image file", index=index, item=desc) from None
+        except PermissionError:
+            raise ImageLoadError("permission denied", index=index, item=desc) from None
+        except OSError as e:
+            raise ImageLoadError(f"cannot read file: {e}", index=index, item=desc) from None
+    elif isinstance(item, Image.Image):
+        _check_size(item.size, max_pixels, index, desc)
+        img = item
+        try:
+            img.load()  # a lazily opened image may still be truncated
+        except Exception as e:
+            raise ImageLoadError(f"corrupt or truncated image data: {type(e).__name__}: {e}",
+                                 index=index, item=desc) from None
+    elif isinstance(item, np.ndarray):
+        return _array_to_rgb(item, index, desc, max_pixels)
+    elif type(item).__module__.startswith("torch") and hasattr(item, "detach"):
+        return _array_to_rgb(_tensor_to_array(item, index, desc), index, desc, max_pixels)
+    else:
+        raise ImageLoadError(f"unsupported item type {type(item).__name__}: expected a path, bytes, "
+                             "PIL image, numpy array or torch tensor", index=index, item=desc)
+    try:
+        if img.getexif().get(0x0112, 1) not in (1, None):
+            img = ImageOps.exif_transpose(img)
+    except Exception:
+        pass  # malformed EXIF: keep the stored orientation rather than losing the image
+    try:
+        return _to_rgb(img)
+    except Exception as e:
+        raise ImageLoadError(f"cannot convert mode {img.mode} to RGB: {e}", index=index, item=desc) from None
+
+
+def _resolve_threads(threads: int | None, n: int) -> int:
+    if threads is None:
+        threads = os.cpu_count() or 1
+    return max(1, min(int(threads), n))
+
+
+def map_items(fn, items: Sequence[Any], *, threads: int | None = None, on_error: str = "raise",
+              progress: bool = False, desc: str = "images"):
+    """Apply ``fn(item, index)`` to each item in a thread pool, keeping order.
+
+    Returns ``(results, errors)``: ``results[i]`` is ``fn``'s value or None where it raised an
+    ``ImageLoadError``; ``errors`` lists those errors by increasing index. With ``on_error="raise"``
+    the error of the lowest failing index is raised instead (later work is cancelled).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    items = list(items)
+    n = len(items)
+    results: list[Any] = [None] * n
+    errors: list[ImageLoadError] = []
+
+    def work(i):
+        try:
+            return fn(items[i], i), None
+        except ImageLoadError as e:
+            return None, e
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc=desc, unit="img")
+    workers = _resolve_threads(threads, n)
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        outs = pool.map(work, range(n)) if pool else (work(i) for i in range(n))
+        for i, (value, err) in enumerate(outs):  # in index order, so the first error seen is the lowest
+            if err is not None:
+                if on_error == "raise":
+                    raise err
+                errors.append(err)
+            results[i] = value
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
+    return results, errors
+
+
+def load_images(items: Iterable[Any], *, threads: int | None = None, on_error: str = "raise",
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[Image.Image | None], list[ImageLoadError]]:
+    """Decode many items in a thread pool (``threads`` workers, default: CPU count; 1 = no pool).
+
+    Returns ``(images, errors)`` with ``images[i]`` the RGB image of ``items[i]`` (same order).
+    ``on_error="raise"`` raises the ``ImageLoadError`` of the lowest failing index;
+    ``on_error="skip"`` puts None in failed slots and returns their errors (by increasing index).
+    """
+    return map_items(lambda it, i: load_image(it, index=i, max_pixels=max_pixels), list(items),
+                     threads=threads, on_error=on_error)
