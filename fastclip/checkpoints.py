@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -60,13 +61,19 @@ def _read_pickle(path: Path, trust: bool):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint {path} holds objects other than tensors, which fastclip will not unpickle "
-            f"({first}). If you trust this file, load it with trust=True."
-        ) from None
-    except (EOFError, zipfile.BadZipFile, OSError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint: {exc}") from None
+        text = str(exc)
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        detail = (found.group(1) if found else text.strip().split("\n")[0] or type(exc).__name__).strip()
+        detail = detail.split(" Please use")[0]  # torch's advice on allow-listing globals
+        if "GLOBAL" in text or "add_safe_globals" in text:  # refers to classes/functions: refuse, don't call it corrupt
+            raise CheckpointError(
+                f"checkpoint {path} holds objects other than tensors, which fastclip will not unpickle "
+                f"({detail}). If you trust this file, load it with trust=True."
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({detail})") from None
+    except Exception as exc:  # a damaged pickle can fail in many ways (EOFError, KeyError, OSError, ...)
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint: "
+                              f"{type(exc).__name__}: {exc}") from None
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -163,8 +170,10 @@ def _read_torchscript(path: Path, trust: bool):
                 raise CheckpointError(f"TorchScript archive {path} has no data.pkl")
             prefix = data_name[: -len("data.pkl")]
             root = _ArchiveUnpickler(archive.read(data_name), archive, prefix, path).load()
-    except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"TorchScript archive {path} is corrupt: {exc}") from None
+    except CheckpointError:
+        raise
+    except Exception as exc:  # damaged archive or records (BadZipFile, KeyError, EOFError, RuntimeError, ...)
+        raise CheckpointError(f"TorchScript archive {path} is corrupt: {type(exc).__name__}: {exc}") from None
     tensors: dict[str, torch.Tensor] = {}
     _module_tensors(root, "", tensors)
     return tensors

@@ -27,7 +27,17 @@ _UNSUPPORTED = {
     "ls_init_value": "layer scale",
     "pos_embed_type": "non-learned position embeddings",
     "use_pad_mask": "padding masks",
+    # open_clip block options that change the computation: silently ignoring them would build a different model
+    "qk_norm": "query/key normalisation",
+    "scaled_cosine_attn": "scaled cosine attention",
+    "scale_heads": "per-head attention scaling",
+    "scale_attn_inner": "attention inner LayerNorm",
+    "scale_attn": "attention output LayerNorm",
+    "scale_fc": "MLP inner LayerNorm",
+    "block_type": "non-default transformer blocks",
+    "proj_type": "a text projection other than linear",
 }
+_DEFAULTS_OK = {"block_type": ("default",), "proj_type": ("linear",)}
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,7 @@ def _tower_act(cfg: dict, quick_gelu: bool) -> str:
 
 def _check_supported(name: str, tower: str, cfg: dict) -> None:
     for key, what in _UNSUPPORTED.items():
-        if cfg.get(key) not in (None, False, "", "learnable"):
+        if cfg.get(key) not in (None, False, "", "learnable") + _DEFAULTS_OK.get(key, ()):
             raise ValueError(f"model config {name!r}: {tower}.{key} ({what}) is not supported by fastclip")
     if not isinstance(cfg.get("layers", 12), int):
         raise ValueError(f"model config {name!r}: ResNet image towers (layers as a list) are not supported yet")
@@ -167,7 +177,7 @@ def parse_config(name: str, raw: dict) -> ModelConfig:
         norm_eps=float(tcfg.get("norm_kwargs", {}).get("eps", 1e-5)),
         causal=not tcfg.get("no_causal_mask", False),
         pool_type=tcfg.get("pool_type", "argmax"),
-        eos_token_id=tcfg.get("eos_token_id"),
+        eos_token_id=tcfg.get("eos_token_id", tcfg.get("eos_id")),  # "eos_id" is open_clip's spelling
         proj_bias=bool(tcfg.get("proj_bias", False)),
     )
     _validate(name, vision, text)
@@ -218,8 +228,13 @@ def _register_file(path: Path) -> str:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read model config {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"model config {path} is not a JSON object (found {type(raw).__name__})")
     name = path.stem
-    parse_config(name, raw)  # validate now, so a bad file fails at registration, naming the file
+    try:
+        parse_config(name, raw)  # validate now, so a bad file fails at registration, naming the file
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"invalid model config file {path}: {exc}") from None
     _REGISTRY[name] = raw
     return name
 

@@ -38,11 +38,13 @@ def _attach_io(model: CLIP, tokenizer_dir: Path | None, preprocess_cfg=None) -> 
 
 
 def _tokenizer_for(cfg: ModelConfig, tokenizer_dir: Path | None):
-    from .tokenizer import ClipTokenizer, SiglipTokenizer
-
     if cfg.tokenizer == "clip":
+        from .tokenizer import ClipTokenizer
+
         return ClipTokenizer(context_length=cfg.text.context_length)
     if tokenizer_dir is not None:
+        from .tokenizer import SiglipTokenizer
+
         return SiglipTokenizer.from_dir(tokenizer_dir, context_length=cfg.text.context_length)
     return None  # a random-weight SigLIP model has no tokenizer files; embed_texts says so
 
@@ -77,7 +79,7 @@ def _build(cfg: ModelConfig, sd: dict, source: str, device, precision: str, back
     return model.set_backend(backend)
 
 
-def create_model(name: str, device="cpu", precision: str = "fp32", backend: str = "auto",
+def create_model(name: str, device="cpu", precision: str = "fp32", backend: str | None = None,
                  seed: int | None = 0) -> CLIP:
     """A model of a registered architecture with random weights (OpenCLIP's init scheme)."""
     cfg = get_model_config(name)
@@ -107,11 +109,12 @@ def _read_weights(path: Path, trust: bool) -> dict:
     return read_state_dict(path, trust=trust)
 
 
-def _load_hf_dir(directory: Path, cfg: ModelConfig | None, device, precision, backend, trust) -> CLIP:
+def _load_hf_dir(directory: Path, cfg: ModelConfig | None, device, precision, backend, trust,
+                 name: str | None = None) -> CLIP:
     from .preprocess import PreprocessConfig
 
     hf_cfg = json.loads((directory / "config.json").read_text())
-    cfg = cfg or keymaps.config_from_hf(hf_cfg, hf_cfg.get("_name_or_path") or directory.name)
+    cfg = cfg or keymaps.config_from_hf(hf_cfg, name or hf_cfg.get("_name_or_path") or directory.name)
     weights = _weights_file_of(directory)
     sd = keymaps.from_hf(_read_weights(weights, trust), cfg)
     model = _build(cfg, sd, str(weights), device, precision, backend)
@@ -120,13 +123,13 @@ def _load_hf_dir(directory: Path, cfg: ModelConfig | None, device, precision, ba
     return _attach_io(model, directory, pre)
 
 
-def _load_openclip_dir(directory: Path, device, precision, backend, trust) -> CLIP:
+def _load_openclip_dir(directory: Path, device, precision, backend, trust, name: str | None = None) -> CLIP:
     """An OpenCLIP hub repo: open_clip_config.json (model_cfg, preprocess_cfg) + weights."""
     meta = json.loads((directory / "open_clip_config.json").read_text())
     raw = dict(meta["model_cfg"])
     pre = meta.get("preprocess_cfg", {})
     raw.setdefault("preprocess", {k: pre[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pre})
-    cfg = parse_config(directory.name, raw)
+    cfg = parse_config(name or directory.name, raw)
     weights = next((directory / f for f in hub.OPENCLIP_WEIGHTS if (directory / f).is_file()), None)
     if weights is None:
         raise CheckpointError(f"no weights in {directory}: expected one of {', '.join(hub.OPENCLIP_WEIGHTS)}")
@@ -138,6 +141,8 @@ def _from_state_dict(cfg: ModelConfig, sd: dict, source: str, device, precision,
         sd = keymaps.from_hf(sd, cfg)
     elif keymaps.is_openclip_layout(sd):
         sd = keymaps.from_openclip(sd)
+    elif "visual.conv1.weight" in sd and "text.token_embedding.weight" in sd:
+        pass  # fastclip's own names: torch.save(model.state_dict()) of a fastclip model
     else:
         raise CheckpointError(
             f"checkpoint {source} is neither an OpenAI/OpenCLIP nor a Hugging Face CLIP/SigLIP state dict "
@@ -146,23 +151,27 @@ def _from_state_dict(cfg: ModelConfig, sd: dict, source: str, device, precision,
     return _attach_io(_build(cfg, sd, source, device, precision, backend), None)
 
 
-def _load_path(path: Path, device, precision, backend, trust) -> CLIP:
+def _load_path(path: Path, device, precision, backend, trust, name: str | None = None) -> CLIP:
+    """``name``: the hub id a downloaded directory came from (its snapshot folder is named by a commit hash)."""
     if path.is_dir():
         if (path / "config.json").is_file():
-            return _load_hf_dir(path, None, device, precision, backend, trust)
+            return _load_hf_dir(path, None, device, precision, backend, trust, name)
         if (path / "open_clip_config.json").is_file():
-            return _load_openclip_dir(path, device, precision, backend, trust)
+            return _load_openclip_dir(path, device, precision, backend, trust, name)
         raise CheckpointError(f"{path} holds neither a Hugging Face model (config.json) nor an OpenCLIP one "
                               f"(open_clip_config.json)")
     sd = read_state_dict(path, trust=trust)
     if keymaps.is_hf_layout(sd):
         raise CheckpointError(f"{path} is a Hugging Face state dict: load its directory (with config.json) instead")
-    cfg = keymaps.infer_openai_config(sd, name=path.stem)
+    try:
+        cfg = keymaps.infer_openai_config(sd, name=path.stem)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
     return _from_state_dict(cfg, sd, str(path), device, precision, backend)
 
 
 def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None = None, device="cpu",
-         precision: str = "fp32", backend: str = "auto", trust: bool = False) -> CLIP:
+         precision: str = "fp32", backend: str | None = None, trust: bool = False) -> CLIP:
     """Load a model with its weights, tokenizer and preprocessing.
 
     - ``load("ViT-B-32", pretrained="laion2b_s34b_b79k")``: architecture name + pretrained tag;
@@ -173,19 +182,24 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
       CLIPModel/SiglipModel directory or hub id; ``load("hf-hub:laion/...")``: an OpenCLIP hub repo.
 
     Checkpoints never run code: pickles load with ``weights_only=True`` and TorchScript archives are
-    read as data, unless ``trust=True``. ``backend``: "auto", "ref", "cpp" or "triton".
+    read as data, unless ``trust=True``. ``backend``: "auto", "ref", "cpp" or "triton"; None (the
+    default) means the ``FASTCLIP_BACKEND`` environment variable if set, else "auto".
     """
     _dtype(precision)
     name = os.fspath(name_or_path)
     if pretrained is None and Path(name).exists():
         return _load_path(Path(name), device, precision, backend, trust)
     if name.startswith("hf-hub:"):
-        return _load_path(hub.download_repo(name[len("hf-hub:"):]), device, precision, backend, trust)
+        repo_id = name[len("hf-hub:"):]
+        return _load_path(hub.download_repo(repo_id), device, precision, backend, trust, repo_id)
     if name not in list_models() and name.replace("/", "-") not in list_models():
         if "/" in name and pretrained is None and not name.startswith((".", "/", "~")):
-            return _load_path(hub.download_repo(name), device, precision, backend, trust)
-        raise UnknownModelError(f"{name!r} is neither a file, a directory, a hub id nor a known architecture "
-                                f"(see fastclip.list_models())")
+            return _load_path(hub.download_repo(name), device, precision, backend, trust, name)
+        import difflib
+
+        close = difflib.get_close_matches(name.replace("/", "-"), list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see fastclip.list_models())"
+        raise UnknownModelError(f"{name!r} is neither a file, a directory, a hub id nor a known architecture{hint}")
     cfg = get_model_config(name)
     if pretrained is None:
         tags = ", ".join(hub.pretrained_tags(cfg.name)) or "none published"

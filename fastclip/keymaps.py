@@ -26,6 +26,10 @@ def from_openclip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         if key == "logit_scale":
             key = "log_logit_scale"
+        elif key == "text_projection.weight":  # OpenCLIP text towers with proj_bias: nn.Linear (E, W)
+            key, value = "text.text_projection", value.t()
+        elif key == "text_projection.bias":
+            key = "text.text_projection_bias"
         elif key.startswith(_TEXT_KEYS):
             key = "text." + key
         out[key] = value
