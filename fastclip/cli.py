@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--backend", default="auto", choices=["auto", "ref", "cpp", "triton"])
+    p.add_argument("--backend", default=None, choices=["auto", "ref", "cpp", "triton"],
+                   help="op backend (default: $FASTCLIP_BACKEND, else auto)")
     p.add_argument("--on-error", default="skip", choices=["skip", "raise"],
                    help="skip unreadable images (reported on stderr) or stop at the first one")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

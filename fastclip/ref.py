@@ -48,11 +48,17 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool 
     return activation(x, act).to(dtype)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, upcast: bool = False):
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               residual: torch.Tensor | None = None, upcast: bool = False):
     """LayerNorm over the last dim.  x: (..., D), weight/bias: (D,) -> (..., D), in x's dtype.
 
-    Low-precision inputs are normalised in float32 (as OpenCLIP's LayerNormFp32 does).
+    With ``residual`` (same shape as x) the input is ``s = x + residual`` and the result is the pair
+    ``(layer_norm(s), s)``, so a pre-norm block keeps its residual stream. Low-precision inputs are
+    normalised in float32 (as OpenCLIP's LayerNormFp32 does).
     """
+    if residual is not None:
+        s = x + residual
+        return layer_norm(s, weight, bias, eps, upcast=upcast), s
     dtype = x.dtype
     if upcast or dtype in (torch.float16, torch.bfloat16):
         x, weight, bias = x.float(), weight.float(), bias.float()
@@ -86,11 +92,16 @@ def normalize_project(
     proj_bias: torch.Tensor | None = None,
     normalize: bool = False,
     upcast: bool = False,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Final head of a tower: LayerNorm -> x @ proj (+ proj_bias) -> optional L2 normalisation.
 
-    x: (B, W) pooled tokens, proj: (W, E) or None (identity), proj_bias: (E,) -> (B, E).
+    x: (B, W) pooled tokens, or (B, L, W) token states with ``index`` (B,) giving each row's pooled
+    position (the norm is applied to the pooled rows only); proj: (W, E) or None (identity),
+    proj_bias: (E,) -> (B, E).
     """
+    if index is not None:
+        x = x[torch.arange(x.shape[0], device=x.device), index]  # (B, W)
     dtype = x.dtype
     x, ln_weight, ln_bias, proj, proj_bias = _maybe_upcast(upcast, x, ln_weight, ln_bias, proj, proj_bias)
     y = layer_norm(x, ln_weight, ln_bias, eps)

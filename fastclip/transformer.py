@@ -78,8 +78,10 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = Mlp(width, mlp_width, act)
 
     def apply_op(self, x: torch.Tensor, ops: OpTable, causal: bool) -> torch.Tensor:
-        x = x + self.attn.self_attention(self.ln_1.apply_op(x, ops), ops, causal)
-        return x + self.mlp.apply_op(self.ln_2.apply_op(x, ops), ops)
+        """x: (B, L, W) -> (B, L, W)."""
+        h = self.attn.self_attention(self.ln_1.apply_op(x, ops), ops, causal)
+        y, x = ops.layer_norm(h, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, residual=x)  # x += h; y = ln_2(x)
+        return x + self.mlp.apply_op(y, ops)
 
 
 class Transformer(nn.Module):
@@ -212,8 +214,7 @@ class TextTransformer(nn.Module):
         dtype = self.positional_embedding.dtype
         x = self.token_embedding(tokens).to(dtype) + self.positional_embedding[:L]  # (B, L, W)
         x = self.transformer.apply_op(x, ops, causal=cfg.causal)
-        pooled = x[torch.arange(x.shape[0], device=x.device), index]  # (B, W)
-        ln = self.ln_final
+        ln = self.ln_final  # applied to the pooled rows only (it is per token, so this is exact)
         return ops.normalize_project(
-            pooled, ln.weight, ln.bias, ln.eps, self.text_projection, self.text_projection_bias, normalize
+            x, ln.weight, ln.bias, ln.eps, self.text_projection, self.text_projection_bias, normalize, index=index
         )
