@@ -4,6 +4,8 @@ A backend is resolved once, when a model is created:
 explicit argument > ``FASTCLIP_BACKEND`` environment variable > device default
 (CUDA -> ``triton``; CPU -> ``cpp`` if ``fastclip._C`` loads, else ``ref``).
 An explicitly requested backend that cannot run raises BackendUnavailableError; only ``auto`` falls back.
+For tests, the triton backend also runs on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
+interpreter); ``auto`` never picks it on a CPU.
 """
 from __future__ import annotations
 
@@ -60,15 +62,33 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
             return f"the C++ extension fastclip._C is not built ({exc}); reinstall with `pip install -e .`"
         return None
     if backend == "triton":
-        if device.type != "cuda":
-            return f"the triton backend needs a CUDA device, the model is on {device}"
-        try:
-            importlib.import_module("triton")
-            importlib.import_module("fastclip.kernels.ops")
-        except ImportError as exc:
-            return f"triton kernels are unavailable ({exc})"
-        return None
+        return _why_triton_unavailable(device)
     return f"unknown backend {backend!r}; expected one of {('auto',) + BACKENDS}"
+
+
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET is set (as Triton parses it): Triton kernels run on CPU tensors, for tests."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _why_triton_unavailable(device: torch.device) -> str | None:
+    """The triton backend runs on CUDA devices; on CPU tensors only under TRITON_INTERPRET=1 (tests).
+
+    ``auto`` never picks it on a CPU (the CPU candidates are cpp and ref), interpreter or not.
+    """
+    interpret = device.type == "cpu" and triton_interpret()
+    if device.type != "cuda" and not interpret:
+        hint = " (set TRITON_INTERPRET=1 to run it on CPU tensors for testing)" if device.type == "cpu" else ""
+        return f"the triton backend needs a CUDA device, the model is on {device}{hint}"
+    try:
+        importlib.import_module("triton")
+        kernels = importlib.import_module("fastclip.kernels.ops")
+    except ImportError as exc:
+        return f"triton kernels are unavailable ({exc})"
+    if interpret and not kernels.interpreted():
+        return ("TRITON_INTERPRET=1 was set after the Triton kernels were imported (Triton fixes interpreted vs "
+                "compiled at import); set it before importing fastclip.kernels")
+    return None
 
 
 def resolve_backend(backend: str | None, device: torch.device | str) -> str:

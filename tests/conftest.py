@@ -6,9 +6,16 @@ open_clip and transformers are imported plainly: without them these suites fail,
 """
 from __future__ import annotations
 
-import io
-import json
-import random
+import os
+
+# The kernel tests (tests/kernels) run Triton kernels on CPU tensors under Triton's interpreter. Triton
+# reads TRITON_INTERPRET when `@triton.jit` decorates a function, and `import open_clip` below imports
+# triton, so it is set here, before anything imports triton. Nothing else in tests/ runs Triton code.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import io  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
 import sys
 import zlib
 from pathlib import Path

@@ -1,0 +1,52 @@
+"""The triton backend's op table (``fastclip.ops.get_ops("triton")`` calls ``op_table()``).
+
+Every function has its reference signature (fastclip/ref.py), possibly with extra keyword arguments:
+``layer_norm(..., residual=None)`` (fused residual add), ``normalize_project(..., index=None)`` (pooled
+token gather), ``attention(..., key_padding_mask=None)``. Each calls a ``torch.library.custom_op``
+(``torch.ops.fastclip.*``), so ``torch.compile`` sees one opaque node per kernel.
+
+Not here, on purpose: ``linear`` stays ``F.linear`` (cuBLAS GEMMs with fused epilogues beat a Triton
+GEMM at these shapes and need no tuning), and ``l2_normalize`` stays the reference (``F.normalize`` on a
+(B, E) matrix is negligible; the model's normalised paths go through ``normalize_project``).
+"""
+from __future__ import annotations
+
+import torch
+
+from .bias_act import bias_act
+from .layer_norm import _layer_norm_kernel, layer_norm
+from .normalize_project import normalize_project
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, upcast: bool = False,
+              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused flash attention (kernels/attention.py) with the reference signature.
+
+    q: (B, H, Lq, Dh), k/v: (B, H, Lk, Dh) -> (B, H, Lq, Dh). ``upcast`` runs the kernel on fp32 copies.
+    """
+    from .attention import attention_op  # imported on first use: the attention module is the largest
+
+    if upcast and q.dtype != torch.float32:
+        return attention_op(q.float(), k.float(), v.float(), causal, key_padding_mask).to(q.dtype)
+    return attention_op(q, k, v, causal, key_padding_mask)
+
+
+def interpreted() -> bool:
+    """True if the kernels were decorated under TRITON_INTERPRET=1 (so they run on CPU tensors).
+
+    Triton decides interpreted vs compiled when ``@triton.jit`` runs, i.e. at import; setting the
+    variable later does not turn already-imported kernels into interpreted ones.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_layer_norm_kernel, InterpretedFunction)
+
+
+def op_table() -> dict:
+    """{op name: function} overriding the reference ops for the triton backend."""
+    return {
+        "layer_norm": layer_norm,
+        "bias_act": bias_act,
+        "attention": attention,
+        "normalize_project": normalize_project,
+    }
