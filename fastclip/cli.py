@@ -1,4 +1,4 @@
-"""The ``fastclip`` command: ``models``, ``embed``, ``info``."""
+"""The ``fastclip`` command: ``models``, ``embed``, ``verify``, ``info``."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +105,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from fastclip.verify import main as verify_main
+
+    targets = [t.strip() for t in args.gpu_targets.split(",") if t.strip()] if args.gpu_targets else []
+    unknown = [t for t in targets if t not in ("sm_80", "sm_90")]
+    if unknown:
+        raise SystemExit(f"--gpu-targets: unknown target(s) {', '.join(unknown)}; expected sm_80 and/or sm_90")
+    return verify_main(args.precision, not args.no_interpreter, targets)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastclip", description="CLIP / OpenCLIP / SigLIP embeddings")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip unreadable images (reported on stderr) or stop at the first one")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("verify", help="check every available backend against the reference on small models")
+    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--no-interpreter", action="store_true",
+                   help="without a GPU, skip running the Triton kernels under Triton's interpreter")
+    p.add_argument("--gpu-targets", default="", help="also compile every Triton kernel for these, e.g. sm_80,sm_90")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("info", help="version, backends, threads and devices")
     p.set_defaults(func=cmd_info)

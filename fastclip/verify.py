@@ -1,0 +1,156 @@
+"""``fastclip verify``: every backend this machine can run, against the reference, on small models.
+
+Each backend runs a tiny CLIP (causal text, class-token pooling, QuickGELU) and a tiny SigLIP
+(bidirectional text, attention-pooling head, tanh-GELU) built from the same random weights as the
+reference backend; the table gives the max-abs error of encode_image / encode_text. fp32 must agree to
+1e-4; fp16/bf16 must stay within 2x the error of the reference run in the same dtype plus 1e-3 (the
+rule of DESIGN.md). With no GPU, the Triton kernels still run on CPU tensors under Triton's interpreter
+(in a subprocess with TRITON_INTERPRET=1). ``gpu_targets`` adds the sm_80 / sm_90 compile table.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from .config import parse_config
+from .errors import BackendUnavailableError
+from .model import CLIP
+from .ops import resolve_backend
+
+TINY = {
+    "tiny-clip": {
+        "embed_dim": 48, "quick_gelu": True,
+        "vision_cfg": {"image_size": 48, "patch_size": 16, "width": 96, "layers": 2, "head_width": 48},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
+    "tiny-siglip": {
+        "embed_dim": 64, "init_logit_bias": -10, "family": "siglip", "tokenizer": "hf",
+        "vision_cfg": {"image_size": 48, "patch_size": 16, "width": 64, "layers": 2, "head_width": 32,
+                       "act": "gelu_tanh", "norm_kwargs": {"eps": 1e-6}, "class_token": False, "no_ln_pre": True,
+                       "patch_bias": True, "pool_type": "map", "proj": False},
+        "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 2,
+                     "act": "gelu_tanh", "norm_kwargs": {"eps": 1e-6}, "no_causal_mask": True, "pool_type": "last",
+                     "proj_bias": True},
+    },
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _inputs(cfg, batch: int = 3):
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen)
+    L, vocab = cfg.text.context_length, cfg.text.vocab_size
+    tokens = torch.randint(1, vocab - 1, (batch, L), generator=gen)
+    for row in range(batch):  # end of text (the highest id) at different positions, padding after it
+        end = (row * 7 + 5) % L
+        tokens[row, end], tokens[row, end + 1:] = vocab - 1, 0
+    return pixels, tokens
+
+
+def _encode(model: CLIP, pixels, tokens):
+    with torch.inference_mode():
+        return (model.encode_image(pixels.to(model.device, model.dtype)).float().cpu(),
+                model.encode_text(tokens.to(model.device)).float().cpu())
+
+
+def check(backend: str, device: str, precision: str) -> list[dict]:
+    """One row per tiny model: max errors of ``backend`` vs the fp32 reference and pass/fail."""
+    rows = []
+    for name, raw in TINY.items():
+        cfg = parse_config(name, raw)
+        reference = CLIP(cfg, backend="ref").init_random(seed=0).eval()
+        pixels, tokens = _inputs(cfg)
+        expected = _encode(reference, pixels, tokens)
+        row = {"backend": backend, "device": device, "precision": precision, "model": name}
+        try:
+            dtype = DTYPES[precision]
+            model = copy.deepcopy(reference).to(device=device, dtype=dtype).set_backend(backend)
+            got = _encode(model, pixels, tokens)
+            errors = [float((g - e).abs().max()) for g, e in zip(got, expected)]
+            if precision == "fp32":
+                bounds = [1e-4, 1e-4]
+            else:  # the reference op in the same low dtype sets the bar
+                low_ref = _encode(copy.deepcopy(reference).to(device=device, dtype=dtype).set_backend("ref"),
+                                  pixels, tokens)
+                bounds = [2 * float((r - e).abs().max()) + 1e-3 for r, e in zip(low_ref, expected)]
+            row.update(image_err=errors[0], text_err=errors[1], bound=max(bounds),
+                       ok=all(e <= b for e, b in zip(errors, bounds)))
+        except Exception as exc:  # a crash is a failure of that backend, reported in its row
+            row.update(image_err=None, text_err=None, bound=None, ok=False, error=f"{type(exc).__name__}: {exc}")
+        rows.append(row)
+    return rows
+
+
+def _interpreter_rows(precisions) -> list[dict]:
+    """The Triton backend on CPU tensors under the interpreter, in a fresh process."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = ("import json, sys; from fastclip.verify import check; "
+            f"print(json.dumps([r for p in {list(precisions)!r} for r in check('triton', 'cpu', p)]))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        return [{"backend": "triton (interpreter)", "device": "cpu", "precision": "-", "model": "-", "ok": False,
+                 "image_err": None, "text_err": None, "bound": None, "error": proc.stderr.strip()[-400:]}]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    for row in rows:
+        row["backend"] = "triton (interpreter)"
+    return rows
+
+
+def available_backends() -> list[tuple[str, str]]:
+    """(backend, device) pairs that can run here, besides the reference itself."""
+    pairs = []
+    for backend, device in (("cpp", "cpu"), ("triton", "cuda")):
+        if device == "cuda" and not torch.cuda.is_available():
+            continue
+        try:
+            resolve_backend(backend, device)
+            pairs.append((backend, device))
+        except BackendUnavailableError:
+            pass
+    return pairs
+
+
+def run(precisions=("fp32", "bf16"), interpreter: bool = True) -> list[dict]:
+    rows = [r for p in precisions for r in check("ref", "cpu", p)]
+    for backend, device in available_backends():
+        rows += [r for p in precisions for r in check(backend, device, p)]
+    if interpreter and not torch.cuda.is_available():
+        rows += _interpreter_rows(precisions)
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    def num(x):
+        return "-" if x is None else f"{x:.2e}"
+
+    lines = [f"{'backend':22} {'device':6} {'dtype':5} {'model':12} {'image err':>10} {'text err':>10} {'bound':>9}  result"]
+    for r in rows:
+        result = "pass" if r["ok"] else "FAIL" + (f" ({r['error']})" if r.get("error") else "")
+        lines.append(f"{r['backend']:22} {r['device']:6} {r['precision']:5} {r['model']:12} {num(r['image_err']):>10} "
+                     f"{num(r['text_err']):>10} {num(r['bound']):>9}  {result}")
+    return "\n".join(lines)
+
+
+def main(precisions, interpreter: bool, gpu_targets: list[str]) -> int:
+    rows = run(tuple(precisions), interpreter)
+    print(format_rows(rows))
+    failed = sum(not r["ok"] for r in rows)
+    if gpu_targets:
+        from .kernels import compile_check
+
+        results = compile_check.compile_all(tuple(gpu_targets))
+        compiled = [r for t in gpu_targets for r in results[t]]
+        print()
+        print(compile_check.format_table(compiled))
+        problems = [(r, p) for r in compiled for p in compile_check.problems(r)]
+        for r, p in problems:
+            print(f"FAIL {r['target']} {r['kernel']} {r.get('dtype')} {r.get('config')}: {p}")
+        print(f"\n{len(compiled)} kernel configs compiled, {len(problems)} problems")
+        failed += len(problems)
+    print(f"\n{'all checks passed' if not failed else f'{failed} checks FAILED'}")
+    return 1 if failed else 0

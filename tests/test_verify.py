@@ -1,0 +1,33 @@
+"""`fastclip verify`: passes on the backends here, and reports a backend that computes wrongly."""
+import dataclasses
+
+import pytest
+
+from fastclip import ops, ref, verify
+from fastclip.cli import main
+
+
+def test_verify_cli_passes_and_runs_triton_interpreter(capsys):
+    assert main(["verify", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "all checks passed" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("triton (interpreter)")]
+    assert len(rows) == 2 and all(r[-1] == "pass" for r in rows)
+
+
+def test_verify_detects_a_wrong_backend(monkeypatch):
+    def bad_layer_norm(x, weight, bias, eps, residual=None, upcast=False):
+        out = ref.layer_norm(x, weight, bias, eps * 1e4, residual=residual)  # a plausible-looking bug
+        return out
+
+    broken = dataclasses.replace(ops.get_ops("ref"), backend="cpp", layer_norm=bad_layer_norm)
+    monkeypatch.setattr("fastclip.model.resolve_backend", lambda backend, device: backend or "ref")
+    monkeypatch.setattr("fastclip.model.get_ops", lambda backend: broken if backend == "cpp" else ops.get_ops("ref"))
+    rows = verify.check("cpp", "cpu", "fp32")
+    assert rows and not any(r["ok"] for r in rows)
+    assert all(max(r["image_err"], r["text_err"]) > 1e-4 for r in rows)
+
+
+def test_verify_rejects_unknown_gpu_target():
+    with pytest.raises(SystemExit, match="sm_75"):
+        main(["verify", "--gpu-targets", "sm_75"])
