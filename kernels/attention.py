@@ -40,13 +40,8 @@ each are in docs/gpu.md (kernels/compile_check.py). Per dtype and BLOCK_D at mos
   Queries of <= 64 rows never try BLOCK_M=128. Grid: (B*H, cdiv(Lq, BLOCK_M)).
 
 Interpreter (TRITON_INTERPRET=1, CPU tensors): the launcher skips autotuning and runs one config.
-Triton 3.8's interpreter has two bf16 gaps, both handled behind ONE constexpr, INTERPRET_BF16, that
-the launcher sets only when interpreting bf16 inputs (compiled kernels always get False, so the real
-bf16 tensor-core path is what the compile checks build):
-  1. ``tl.dot`` on bf16 operands returns garbage -> ``_mma_operand`` feeds the dot fp32 copies of
-     the bf16 values (products of bf16 values are exact in fp32, like the tensor cores' products);
-  2. fp32 -> bf16 casts truncate instead of rounding to nearest even -> ``_round`` rounds by hand,
-     so P (rounded to bf16 before P@V) and the output are rounded exactly as cvt.rn.bf16 does.
+Triton 3.8's interpreter has two bf16 gaps, handled by kernels/interpreter.py behind the INTERPRET_BF16
+constexpr (P is rounded to bf16 before P@V, and the output, exactly as cvt.rn.bf16 does).
 """
 from __future__ import annotations
 
@@ -55,6 +50,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from .interpreter import mma_operand, round_to
 
 MAX_HEAD_DIM = 128
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -77,25 +74,6 @@ def configs_for(fp32: bool, block_d: int, lq: int | None = None) -> list[triton.
     if lq is not None and lq <= 64:
         pool = [c for c in pool if c.kwargs["BLOCK_M"] <= 64] or pool
     return pool
-
-
-@triton.jit
-def _mma_operand(x, INTERPRET_BF16: tl.constexpr):
-    """Interpreter gap 1: ``tl.dot`` on bf16 operands is garbage; dot in fp32 (exact for bf16 values)."""
-    if INTERPRET_BF16:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
-    """fp32 -> dtype. Interpreter gap 2: fp32 -> bf16 casts truncate; round to nearest even by hand."""
-    if INTERPRET_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -127,7 +105,7 @@ def _attn_fwd_kernel(
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
-    q = _mma_operand(q, INTERPRET_BF16)
+    q = mma_operand(q, INTERPRET_BF16)
     # scalar base pointers; tile pointers are rebuilt each trip so no (BD, BN) pointer tensor stays live
     K_bh = K + off_b * stride_kb + off_h * stride_kh
     V_bh = V + off_b * stride_vb + off_h * stride_vh
@@ -145,7 +123,7 @@ def _attn_fwd_kernel(
         n_ok = cols < Lk
         kt_ptrs = K_bh + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
         kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # (BD, BN)
-        s = tl.dot(q, _mma_operand(kt, INTERPRET_BF16), input_precision="ieee") * qk_scale  # (BM, BN) fp32
+        s = tl.dot(q, mma_operand(kt, INTERPRET_BF16), input_precision="ieee") * qk_scale  # (BM, BN) fp32
         keep = n_ok[None, :]
         if CAUSAL:
             keep = keep & (offs_m[:, None] >= cols[None, :])
@@ -161,14 +139,14 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptrs = V_bh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
         v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, BD)
-        p = _mma_operand(_round(p, V.dtype.element_ty, INTERPRET_BF16), INTERPRET_BF16)
-        acc = tl.dot(p, _mma_operand(v, INTERPRET_BF16), acc * alpha[:, None], input_precision="ieee")
+        p = mma_operand(round_to(p, V.dtype.element_ty, INTERPRET_BF16), INTERPRET_BF16)
+        acc = tl.dot(p, mma_operand(v, INTERPRET_BF16), acc * alpha[:, None], input_precision="ieee")
         m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: acc is 0, output 0
     out = acc / l_safe[:, None]
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, _round(out, Out.dtype.element_ty, INTERPRET_BF16), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, round_to(out, Out.dtype.element_ty, INTERPRET_BF16), mask=m_ok[:, None] & d_ok[None, :])
 
 
 def _prune_configs(configs, named_args, **kwargs):

@@ -27,23 +27,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
+
+from .interpreter import interpret_bf16, interpreting, round_to
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
-    """fp32 -> dtype with round-to-nearest-even. Interpreter gap (Triton 3.8): TRITON_INTERPRET=1
-    truncates fp32 -> bf16 casts; INTERPRET_BF16 (interpreter + bf16 only) rounds by hand on the bits.
-    Compiled kernels never take that branch (see kernels/layer_norm.py)."""
-    if INTERPRET_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -56,7 +44,7 @@ def _bias_act_kernel(
     ACT: tl.constexpr,  # "none" | "gelu" | "gelu_tanh" | "quick_gelu"
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr,  # interpreter-only bf16 rounding fix (see _round_to)
+    INTERPRET_BF16: tl.constexpr,  # interpreter-only bf16 rounding fix (see round_to)
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -73,7 +61,7 @@ def _bias_act_kernel(
         x = x * tl.sigmoid(2.0 * u)  # 0.5 * (1 + tanh(u)) == sigmoid(2u)
     elif ACT == "quick_gelu":
         x = x * tl.sigmoid(1.702 * x)
-    tl.store(Y + rows64[:, None] * N + cols[None, :], _round_to(x, Y.dtype.element_ty, INTERPRET_BF16), mask=mask)
+    tl.store(Y + rows64[:, None] * N + cols[None, :], round_to(x, Y.dtype.element_ty, INTERPRET_BF16), mask=mask)
 
 
 def block_config(width: int) -> dict:
@@ -89,7 +77,7 @@ def _check(x: torch.Tensor, bias, act: str) -> None:
         raise TypeError(f"bias_act: x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.ndim < 1:
         raise ValueError("bias_act: x must have at least one dim (..., N), got a 0-d tensor")
-    if x.device.type != "cuda" and not (knobs.runtime.interpret and x.device.type == "cpu"):
+    if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu"):
         raise ValueError(f"bias_act: x is on {x.device}; the Triton kernel needs a CUDA tensor "
                          "(or a CPU tensor with TRITON_INTERPRET=1)")
     if bias is not None:
@@ -113,7 +101,7 @@ def _launch(x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tenso
         _bias_act_kernel[grid](
             x2, bias if bias is not None else x2, y, M, N, x2.stride(0),
             ACT=act, HAS_BIAS=bias is not None,
-            INTERPRET_BF16=bool(knobs.runtime.interpret) and x.dtype == torch.bfloat16, **cfg,
+            INTERPRET_BF16=interpret_bf16(x.dtype), **cfg,
         )
     return y.view(x.shape)
 

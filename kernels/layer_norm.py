@@ -28,26 +28,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
+
+from .interpreter import interpret_bf16, interpreting, round_to
 
 MAX_WIDTH = 16384
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
-    """fp32 x -> dtype, rounding to nearest even.
-
-    Interpreter gap (Triton 3.8): under TRITON_INTERPRET=1 an fp32 -> bf16 cast (``.to`` or an implicit
-    store cast) truncates instead of rounding to nearest even as the GPU's cvt.rn.bf16.f32 does, which
-    would make every bf16 result up to 1 ulp off. INTERPRET_BF16 (set by the launcher only when
-    interpreting with a bf16 output) rounds by hand on the fp32 bits; compiled kernels never take it.
-    """
-    if INTERPRET_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -63,7 +47,7 @@ def _layer_norm_kernel(
     eps,  # float
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # rows per program, next_power_of_2(N)
-    INTERPRET_BF16: tl.constexpr,  # interpreter-only bf16 rounding fix (see _round_to)
+    INTERPRET_BF16: tl.constexpr,  # interpreter-only bf16 rounding fix (see round_to)
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -74,7 +58,7 @@ def _layer_norm_kernel(
     x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-        x = _round_to(x.to(tl.float32) + r.to(tl.float32), S.dtype.element_ty, INTERPRET_BF16)  # as torch's x + r
+        x = round_to(x.to(tl.float32) + r.to(tl.float32), S.dtype.element_ty, INTERPRET_BF16)  # as torch's x + r
         tl.store(S + rows64[:, None] * N + cols[None, :], x, mask=mask)
     xf = x.to(tl.float32)
     mean = tl.sum(xf, axis=1) / N  # (BLOCK_M,)
@@ -86,7 +70,7 @@ def _layer_norm_kernel(
         y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows64[:, None] * N + cols[None, :], _round_to(y, Y.dtype.element_ty, INTERPRET_BF16), mask=mask)
+    tl.store(Y + rows64[:, None] * N + cols[None, :], round_to(y, Y.dtype.element_ty, INTERPRET_BF16), mask=mask)
 
 
 def block_config(width: int) -> dict:
@@ -100,16 +84,12 @@ def block_config(width: int) -> dict:
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _interpreting() -> bool:
-    return bool(knobs.runtime.interpret)
-
-
 def _check(x: torch.Tensor, weight, bias, residual) -> None:
     if x.dtype not in _DTYPES:
         raise TypeError(f"layer_norm: x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] == 0:
         raise ValueError(f"layer_norm: x needs a non-empty last dim, got shape {tuple(x.shape)}")
-    if x.device.type != "cuda" and not (_interpreting() and x.device.type == "cpu"):
+    if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu"):
         raise ValueError(f"layer_norm: x is on {x.device}; the Triton kernel needs a CUDA tensor "
                          "(or a CPU tensor with TRITON_INTERPRET=1)")
     width = x.shape[-1]
@@ -150,7 +130,7 @@ def _launch(x, weight, bias, eps, residual):
             x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, y, s,
             M, N, x2.stride(0), r2.stride(0), float(eps),
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            INTERPRET_BF16=_interpreting() and x.dtype == torch.bfloat16, **cfg,
+            INTERPRET_BF16=interpret_bf16(x.dtype), **cfg,
         )
     return y.view(x.shape), s.view(x.shape)
 

@@ -40,36 +40,18 @@ nothing, and at 32/64 rows it spills on sm_80.
 Interpreter (TRITON_INTERPRET=1, CPU tensors): Triton 3.8's interpreter computes ``tl.dot`` on bf16
 operands wrongly and truncates fp32 -> bf16 casts. INTERPRET_BF16 (set by the launcher only when
 interpreting bf16) rounds to bf16 by hand and upcasts the (already bf16-rounded) dot operands to fp32
-in ``_mma_operand``, so the interpreter still checks the bf16 numerics; compiled code never takes it.
+in ``mma_operand``, so the interpreter still checks the bf16 numerics; compiled code never takes it.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
+
+from .interpreter import interpret_bf16, interpreting, mma_operand, round_to
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_K, BLOCK_E = 64, 128
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
-    """fp32 -> dtype, round-to-nearest-even (by hand under the interpreter for bf16; see layer_norm.py)."""
-    if INTERPRET_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
-
-
-@triton.jit
-def _mma_operand(x, INTERPRET_BF16: tl.constexpr):
-    """The interpreter's bf16 tl.dot gap: exact fp32 copies of bf16 operands, interpreter only."""
-    if INTERPRET_BF16:
-        x = x.to(tl.float32)
-    return x
 
 
 @triton.jit
@@ -87,7 +69,7 @@ def _normalize_project_kernel(
     HAS_INDEX: tl.constexpr, HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_PROJ: tl.constexpr,
     HAS_PROJ_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr,  # interpreter-only bf16 fixes (see _round_to, _mma_operand)
+    INTERPRET_BF16: tl.constexpr,  # interpreter-only bf16 fixes (see round_to, mma_operand)
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
     row_ok = rows < B
@@ -132,10 +114,10 @@ def _normalize_project_kernel(
                 if HAS_LN_B:
                     xn = xn + tl.load(LnB + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
                 xn = tl.where(k_ok[None, :], xn, 0.0)
-                a = _mma_operand(_round_to(xn, P.dtype.element_ty, INTERPRET_BF16), INTERPRET_BF16)
+                a = mma_operand(round_to(xn, P.dtype.element_ty, INTERPRET_BF16), INTERPRET_BF16)
                 p = tl.load(P + ks[:, None] * stride_pw + cols[None, :] * stride_pe,
                             mask=k_ok[:, None] & e_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_E)
-                acc = tl.dot(a, _mma_operand(p, INTERPRET_BF16), acc, input_precision="ieee")
+                acc = tl.dot(a, mma_operand(p, INTERPRET_BF16), acc, input_precision="ieee")
         else:  # identity projection: E == W, normalise this column block directly
             x = tl.load(x_row[:, None] + cols[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
             acc = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
@@ -150,7 +132,7 @@ def _normalize_project_kernel(
         if NORMALIZE:
             sq += tl.sum(acc * acc, axis=1)
         out_ptrs = Out + rows.to(tl.int64)[:, None] * E + cols[None, :]
-        tl.store(out_ptrs, _round_to(acc, Out.dtype.element_ty, INTERPRET_BF16), mask=out_mask)
+        tl.store(out_ptrs, round_to(acc, Out.dtype.element_ty, INTERPRET_BF16), mask=out_mask)
 
     # 3. L2 normalisation: every E block of these rows is written; rescale them in place.
     if NORMALIZE:
@@ -161,7 +143,7 @@ def _normalize_project_kernel(
             out_mask = row_ok[:, None] & (cols < E)[None, :]
             out_ptrs = Out + rows.to(tl.int64)[:, None] * E + cols[None, :]
             y = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32) * inv[:, None]
-            tl.store(out_ptrs, _round_to(y, Out.dtype.element_ty, INTERPRET_BF16), mask=out_mask)
+            tl.store(out_ptrs, round_to(y, Out.dtype.element_ty, INTERPRET_BF16), mask=out_mask)
 
 
 def block_config(rows: int, dtype: torch.dtype = torch.float16) -> dict:
@@ -173,7 +155,7 @@ def block_config(rows: int, dtype: torch.dtype = torch.float16) -> dict:
 def _check(x, ln_weight, ln_bias, proj, proj_bias, index) -> None:
     if x.dtype not in _DTYPES:
         raise TypeError(f"normalize_project: x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.device.type != "cuda" and not (knobs.runtime.interpret and x.device.type == "cpu"):
+    if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu"):
         raise ValueError(f"normalize_project: x is on {x.device}; the Triton kernel needs a CUDA tensor "
                          "(or a CPU tensor with TRITON_INTERPRET=1)")
     if x.ndim == 3:
@@ -240,7 +222,7 @@ def _launch(x, ln_weight, ln_bias, eps, proj, proj_bias, normalize, index):
         float(eps), e_iters,
         HAS_INDEX=index is not None, HAS_LN_W=ln_weight is not None, HAS_LN_B=ln_bias is not None,
         HAS_PROJ=proj is not None, HAS_PROJ_BIAS=proj_bias is not None, NORMALIZE=bool(normalize),
-        INTERPRET_BF16=bool(knobs.runtime.interpret) and x.dtype == torch.bfloat16, **cfg,
+        INTERPRET_BF16=interpret_bf16(x.dtype), **cfg,
     )
     return out
 

@@ -5,10 +5,12 @@ against the fp32 reference is at most 2x the error of the reference op run in th
 a small atol. Every activation, with and without bias; widths that are not powers of two (and one
 above the 512-column tile), row counts that are not multiples of the row block.
 """
+import functools
+
 import pytest
 import torch
 
-from fastclip import ref
+from fastclip import ref, tolerance
 from fastclip.kernels import bias_act as ba_mod
 from fastclip.kernels.bias_act import ACTIVATIONS, bias_act
 
@@ -17,21 +19,10 @@ from fastclip.kernels.bias_act import ACTIVATIONS, bias_act
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-LOW_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 MAX_ERR: dict = {}  # dtype -> worst max-abs error seen (printed by test_zz_report)
 
 
-def check_close(out, ref32, ref_low, dtype, what):
-    """fp32: assert_close. fp16/bf16: max |out - ref32| <= 2 max |ref_low - ref32| + atol."""
-    err = (out.float() - ref32).abs().max().item()
-    MAX_ERR[dtype] = max(MAX_ERR.get(dtype, 0.0), err)
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, ref32, msg=lambda m: f"{what}: {m}")
-        return
-    ref_err = (ref_low.float() - ref32).abs().max().item()
-    bound = 2 * ref_err + LOW_ATOL[dtype]
-    assert err <= bound, (f"{what}: max-abs error {err:.3e} vs the fp32 reference exceeds 2 x {ref_err:.3e} "
-                          f"(reference in {dtype}) + {LOW_ATOL[dtype]:.0e} = {bound:.3e}")
+check_close = functools.partial(tolerance.check_close, record=MAX_ERR)
 
 
 def _inputs(shape, dtype, seed=0):

@@ -5,15 +5,16 @@ against the fp32 reference is at most 2x the error of the reference op run in th
 a small atol. Widths are the CLIP ones (768, 1024, 1152, 1280, 1664: most not powers of two) and small
 odd ones; row counts are not multiples of the rows-per-program block.
 """
+import functools
+
 import pytest
 import torch
 
-from fastclip import ref
+from fastclip import ref, tolerance
 from fastclip.kernels import layer_norm as ln_mod
 from fastclip.kernels.layer_norm import layer_norm
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-LOW_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 EPS = 1e-5
 MAX_ERR: dict = {}  # dtype -> worst max-abs error seen (printed by test_zz_report)
 
@@ -29,17 +30,7 @@ def _inputs(rows, width, dtype, seed=0):
     return x.to(dtype), w.to(dtype), b.to(dtype), r.to(dtype)
 
 
-def check_close(out, ref32, ref_low, dtype, what):
-    """fp32: assert_close. fp16/bf16: |out - ref32| <= 2 |ref_low - ref32| + atol elementwise-max."""
-    err = (out.float() - ref32).abs().max().item()
-    MAX_ERR[dtype] = max(MAX_ERR.get(dtype, 0.0), err)
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, ref32, msg=lambda m: f"{what}: {m}")
-        return
-    ref_err = (ref_low.float() - ref32).abs().max().item()
-    bound = 2 * ref_err + LOW_ATOL[dtype]
-    assert err <= bound, (f"{what}: max-abs error {err:.3e} vs the fp32 reference exceeds 2 x {ref_err:.3e} "
-                          f"(reference in {dtype}) + {LOW_ATOL[dtype]:.0e} = {bound:.3e}")
+check_close = functools.partial(tolerance.check_close, record=MAX_ERR)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])

@@ -6,29 +6,20 @@ fp32: torch.testing.assert_close with fp32 tolerances. fp16/bf16 (DESIGN.md): th
 against the fp32 reference is at most 2x the error of the reference op run in the same low dtype, plus
 a small atol. Shapes cover B above the 16-row block, W and E not multiples of the 64/128 tiles.
 """
+import functools
+
 import pytest
 import torch
 
-from fastclip import ref
+from fastclip import ref, tolerance
 from fastclip.kernels.normalize_project import normalize_project
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-LOW_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 MAX_ERR: dict = {}  # dtype -> worst max-abs error seen (printed by test_zz_report)
 EPS = 1e-5
 
 
-def check_close(out, ref32, ref_low, dtype, what):
-    """fp32: assert_close. fp16/bf16: max |out - ref32| <= 2 max |ref_low - ref32| + atol."""
-    err = (out.float() - ref32).abs().max().item()
-    MAX_ERR[dtype] = max(MAX_ERR.get(dtype, 0.0), err)
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, ref32, msg=lambda m: f"{what}: {m}")
-        return
-    ref_err = (ref_low.float() - ref32).abs().max().item()
-    bound = 2 * ref_err + LOW_ATOL[dtype]
-    assert err <= bound, (f"{what}: max-abs error {err:.3e} vs the fp32 reference exceeds 2 x {ref_err:.3e} "
-                          f"(reference in {dtype}) + {LOW_ATOL[dtype]:.0e} = {bound:.3e}")
+check_close = functools.partial(tolerance.check_close, record=MAX_ERR)
 
 
 def _f32(t):
