@@ -3,6 +3,7 @@
     model = fastclip.load("ViT-B-32", pretrained="laion2b_s34b_b79k")
     vectors = model.embed_images(["cat.jpg", "dog.png"])      # (2, 512) float32, L2-normalised
 """
+from . import loss
 from .config import add_model_config, get_model_config, list_models
 from .errors import BackendUnavailableError, CheckpointError, FastclipError, ImageLoadError, ItemError, UnknownModelError
 from .factory import create_model, get_tokenizer, load
@@ -11,7 +12,7 @@ from .model import CLIP
 from .version import __version__
 
 __all__ = [
-    "CLIP", "load", "create_model", "get_tokenizer", "list_models", "list_pretrained", "add_model_config",
+    "CLIP", "loss", "load", "create_model", "get_tokenizer", "list_models", "list_pretrained", "add_model_config",
     "get_model_config", "FastclipError", "CheckpointError", "UnknownModelError", "BackendUnavailableError",
     "ItemError", "ImageLoadError", "__version__",
 ]
