@@ -7,7 +7,7 @@ configs): ViT-B-32 (L=50), ViT-B-16 (197), ViT-L-14 (257, H=16), ViT-H-14 (Dh=80
 384 px (L=729, H=16, Dh=72) and CLIP text (77, causal); fp16 and bf16. q/k/v are strided views of
 one packed (B, L, 3, H, Dh) tensor, as the model's qkv projection produces them, for every impl.
 
-Numbers of record (``extra_info``, see ``gpu_model.record``): do_bench medians per implementation
+Numbers of record (``extra_info``, see ``gpu_bench.record``): do_bench medians per implementation
 (``fastclip_ms``, ``sdpa_flash_ms``, ``sdpa_efficient_ms``), TFLOP/s on the useful FLOPs
 ``4·B·H·L²·Dh`` (half the scores when causal) and GB/s on the minimum bytes (q, k, v read once, o
 written once), ``speedup_vs_<peer>``, and the autotuned config. Compare them with the model in
@@ -18,11 +18,12 @@ import torch
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the Triton attention kernel and SDPA's flash backend need a GPU "
-                "(modelled numbers: docs/gpu.md, `python bench/gpu_model.py --markdown`)", allow_module_level=True)
+                "(modelled numbers: docs/gpu.md, `python bench/gpu_report.py --markdown`)", allow_module_level=True)
 
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+import gpu_bench as gb  # noqa: E402
 import gpu_model as gm  # noqa: E402
 from fastclip import ref  # noqa: E402
 from fastclip.kernels import attention as attn_kernel  # noqa: E402
@@ -38,11 +39,11 @@ def _sdpa(q, k, v, causal, backend):
     return fn
 
 
-@pytest.mark.parametrize("dtype", gm.dtype_params())
+@pytest.mark.parametrize("dtype", gb.dtype_params())
 @pytest.mark.parametrize("w", gm.workloads(BATCH), ids=lambda w: w.label.replace(" ", "_").replace(",", ""))
 def test_attention(benchmark, w, dtype):
     benchmark.group = f"attention {w.label}: B={w.B} L={w.L} H={w.H} Dh={w.Dh}{' causal' if w.causal else ''}"
-    with gm.skip_if_oom(benchmark.group):
+    with gb.skip_if_oom(benchmark.group):
         qkv = torch.randn(w.B, w.L, 3, w.H, w.Dh, device="cuda", dtype=dtype).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, L, Dh) strided views, as in MultiheadAttention.self_attention
 
@@ -52,12 +53,12 @@ def test_attention(benchmark, w, dtype):
         out = ours()  # autotunes once for this shape
         n = 4  # output check on a few sequences against the fp32 reference (numerics proper: tests/kernels)
         expected = ref.attention(q[:n], k[:n], v[:n], causal=w.causal, upcast=True).float()
-        torch.testing.assert_close(out[:n].float(), expected, atol=gm.low_precision_atol(dtype), rtol=0)
+        torch.testing.assert_close(out[:n].float(), expected, atol=gb.low_precision_atol(dtype), rtol=0)
         del out, expected
 
         op = gm.attention(w.B, w.H, w.L, w.Dh, w.causal)
         peers = {name: _sdpa(q, k, v, w.causal, backend) for name, backend in PEERS.items()}
-        gm.record(benchmark, ours, peers, op.flops, op.bytes)
+        gb.record(benchmark, ours, peers, op.flops, op.bytes)
     best = getattr(attn_kernel._attn_fwd_tuned, "best_config", None)
     if best is not None:
         benchmark.extra_info["config"] = str(best)

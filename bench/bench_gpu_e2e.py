@@ -27,6 +27,7 @@ import open_clip  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fastclip  # noqa: E402
+import gpu_bench as gb  # noqa: E402
 import gpu_model as gm  # noqa: E402
 from conftest import rate  # noqa: E402
 from fastclip import keymaps  # noqa: E402
@@ -78,7 +79,7 @@ def _inputs(cfg, tower, length):
 def test_encoder(benchmark, models, name, tower, length, impl):
     what = f"{name} {tower}" + (f", {length} tokens" if length else "")
     benchmark.group = f"GPU {what}, batch {BATCH}, fp16"
-    with gm.skip_if_oom(what), torch.inference_mode():
+    with gb.skip_if_oom(what), torch.inference_mode():
         oc, fc = models(name)
         x = _inputs(fc.cfg, tower, length)
         oc_fn = oc.encode_image if tower == "image" else oc.encode_text

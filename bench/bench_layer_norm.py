@@ -9,17 +9,18 @@ fused residual add (``y, s = layer_norm(h, ..., residual=x)``: s = x + h, y = LN
 Peers: ``eager`` = ``F.layer_norm`` on the input dtype (torch keeps fp32 statistics inside), after
 ``x + r`` with a residual; ``ref`` = ``fastclip.ref.layer_norm`` (the ref backend: an fp32 round trip,
 as OpenCLIP's LayerNormFp32). GB/s is reported on the fused minimum bytes (x [+ r] read, y [+ s]
-written) for every impl (``gpu_model.record``). Without a CUDA device the module skips at collection.
+written) for every impl (``gpu_bench.record``). Without a CUDA device the module skips at collection.
 """
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the Triton LayerNorm kernel needs a GPU "
-                "(modelled numbers: docs/gpu.md, `python bench/gpu_model.py --markdown`)", allow_module_level=True)
+                "(modelled numbers: docs/gpu.md, `python bench/gpu_report.py --markdown`)", allow_module_level=True)
 
 import torch.nn.functional as F  # noqa: E402
 
+import gpu_bench as gb  # noqa: E402
 import gpu_model as gm  # noqa: E402
 from fastclip import ref  # noqa: E402
 from fastclip.kernels.layer_norm import layer_norm  # noqa: E402
@@ -28,13 +29,13 @@ BATCH = 256
 EPS = 1e-5
 
 
-@pytest.mark.parametrize("dtype", gm.dtype_params())
+@pytest.mark.parametrize("dtype", gb.dtype_params())
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("w", gm.workloads(BATCH), ids=lambda w: w.label.replace(" ", "_").replace(",", ""))
 def test_layer_norm(benchmark, w, residual, dtype):
     M, N = w.tokens, w.W
     benchmark.group = f"layer_norm {w.label}: {M} x {N}{' + residual' if residual else ''}"
-    with gm.skip_if_oom(benchmark.group):
+    with gb.skip_if_oom(benchmark.group):
         x = torch.randn(M, N, device="cuda", dtype=dtype)
         r = torch.randn(M, N, device="cuda", dtype=dtype) if residual else None
         weight = 1 + 0.1 * torch.randn(N, device="cuda", dtype=dtype)
@@ -61,12 +62,12 @@ def test_layer_norm(benchmark, w, residual, dtype):
 
         got = ours()
         y = got[0] if residual else got
-        tol = gm.low_precision_atol(dtype)
+        tol = gb.low_precision_atol(dtype)
         torch.testing.assert_close(y.float(), eager().float(), atol=tol, rtol=tol)
         del got, y
 
         op = gm.layer_norm(M, N, residual)
-        gm.record(benchmark, ours, {"eager": eager, "ref": reference}, op.flops, op.bytes)
+        gb.record(benchmark, ours, {"eager": eager, "ref": reference}, op.flops, op.bytes)
     for gpu in gm.GPUS:
         benchmark.extra_info[f"model_{gpu.name.split()[0]}_bound_us"] = round(op.time(gpu) * 1e6, 1)
         peer = gm.time_of(gm.layer_norm_eager(M, N, residual), gpu)

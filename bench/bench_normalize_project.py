@@ -21,10 +21,11 @@ import torch
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the Triton normalize_project kernel needs a GPU "
-                "(modelled numbers: docs/gpu.md, `python bench/gpu_model.py --markdown`)", allow_module_level=True)
+                "(modelled numbers: docs/gpu.md, `python bench/gpu_report.py --markdown`)", allow_module_level=True)
 
 import torch.nn.functional as F  # noqa: E402
 
+import gpu_bench as gb  # noqa: E402
 import gpu_model as gm  # noqa: E402
 from fastclip import ref  # noqa: E402
 from fastclip.kernels.normalize_project import normalize_project  # noqa: E402
@@ -33,12 +34,12 @@ EPS = 1e-5
 CASES = [w for batch in (256, 4096) for w in gm.workloads(batch) if w.E is not None]
 
 
-@pytest.mark.parametrize("dtype", gm.dtype_params())
+@pytest.mark.parametrize("dtype", gb.dtype_params())
 @pytest.mark.parametrize("w", CASES, ids=[f"{w.label.replace(' ', '_').replace(',', '')}-B{w.B}" for w in CASES])
 def test_normalize_project(benchmark, w, dtype):
     B, L, W, E = w.B, w.L, w.W, w.E
     benchmark.group = f"normalize_project {w.label}: B={B} W={W} -> E={E}"
-    with gm.skip_if_oom(benchmark.group):
+    with gb.skip_if_oom(benchmark.group):
         tokens = torch.randn(B, L, W, device="cuda", dtype=dtype)
         ln_w = 1 + 0.1 * torch.randn(W, device="cuda", dtype=dtype)
         ln_b = 0.1 * torch.randn(W, device="cuda", dtype=dtype)
@@ -67,9 +68,9 @@ def test_normalize_project(benchmark, w, dtype):
             def reference():
                 return ref.normalize_project(pooled, ln_w, ln_b, EPS, proj, None, True)
 
-        tol = gm.low_precision_atol(dtype) / 4  # unit-norm rows: entries are ~1/sqrt(E)
+        tol = gb.low_precision_atol(dtype) / 4  # unit-norm rows: entries are ~1/sqrt(E)
         torch.testing.assert_close(ours().float(), reference().float(), atol=tol, rtol=0)
         op = gm.normalize_project(B, W, E, normalize=True)
-        gm.record(benchmark, ours, {"eager": eager, "ref": reference}, op.flops, op.bytes, graph=True)
+        gb.record(benchmark, ours, {"eager": eager, "ref": reference}, op.flops, op.bytes, graph=True)
     for gpu in gm.GPUS:
         benchmark.extra_info[f"model_{gpu.name.split()[0]}_bound_us"] = round(op.time(gpu) * 1e6, 2)
