@@ -15,7 +15,8 @@ def rate(benchmark, items: int) -> None:
 
 @pytest.fixture(scope="session")
 def vit_b32():
-    """(open_clip model, fastclip model, transformers model), eval mode; fastclip shares open_clip's weights."""
+    """(open_clip model, fastclip model, transformers model), eval mode; fastclip shares open_clip's weights
+    and uses the backend FASTCLIP_BACKEND names (default: auto)."""
     import open_clip
     import transformers
 
@@ -26,6 +27,6 @@ def vit_b32():
     torch.manual_seed(0)
     oc = open_clip.create_model("ViT-B-32-quickgelu").eval()
     cfg = fastclip.get_model_config("ViT-B-32-quickgelu")
-    fc = _attach_io(_build(cfg, keymaps.from_openclip(dict(oc.state_dict())), "open_clip", "cpu", "fp32", "auto"), None)
+    fc = _attach_io(_build(cfg, keymaps.from_openclip(dict(oc.state_dict())), "open_clip", "cpu", "fp32", None), None)
     hf = transformers.CLIPModel(transformers.CLIPConfig()).eval()  # the default config is ViT-B/32
     return oc, fc, hf

@@ -1,0 +1,177 @@
+// attention: softmax(q k^T * scale [+ causal mask]) v, fp32, blocked with an online softmax.
+//
+//   q: (B, H, Lq, D), k/v: (B, H, Lk, D), out: (B, H, Lq, D); any element strides for B, H, L, unit
+//   stride for D (so q/k/v may be views of one packed (B, L, 3, H, D) qkv tensor). Causal: query i
+//   sees keys 0..i (Lq == Lk). Any D and lengths.
+//
+// Work item = (batch, head, block of <= BQ queries), handed out to torch's OpenMP threads. A thread packs
+// K^T (16-key panels, zero-padded) and V (D padded to 8) of its (batch, head) once into its scratch,
+// then for each block of <= BK keys: S = Q K^T (6x16 FMA tiles reading the strided q rows directly),
+// online softmax (running row max m and sum l, O rescaled by exp(m_old - m_new)), O += P V. The
+// result O / l is written straight into `out`'s strided rows. No copies of q/k/v outside the scratch.
+#include <pybind11/pybind11.h>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace fastclip {
+namespace {
+
+constexpr int64_t kMaxBQ = 64;   // queries per work item
+constexpr int64_t kMaxBK = 128;  // keys per softmax block
+
+struct Strides {
+  int64_t b, h, l;
+};
+
+}  // namespace
+}  // namespace fastclip
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace fastclip {
+namespace {
+
+// Kp[t][d][c] = k[16 t + c][d] (zero for keys >= Lk); Vp[j][d] = v[j][d] (zero for d >= D).
+void pack_kv(const float* k, int64_t skl, const float* v, int64_t svl, int64_t Lk, int64_t D, int64_t Dp,
+             float* Kp, float* Vp) {
+  const int64_t Lkp = round_up(Lk, 16), L8 = Lk & ~int64_t(7), D8 = D & ~int64_t(7);
+  for (int64_t j = 0; j < L8; j += 8) {  // 8 keys x 8 dims at a time
+    float* dst = Kp + (j / 16) * D * 16 + (j % 16);
+    for (int64_t d = 0; d < D8; d += 8) transpose8x8(k + j * skl + d, skl, dst + d * 16, 16);
+    for (int64_t c = 0; c < 8; ++c)
+      for (int64_t d = D8; d < D; ++d) dst[d * 16 + c] = k[(j + c) * skl + d];
+  }
+  for (int64_t j = L8; j < Lkp; ++j) {
+    float* dst = Kp + (j / 16) * D * 16 + (j % 16);
+    if (j < Lk) {
+      const float* src = k + j * skl;
+      for (int64_t d = 0; d < D; ++d) dst[d * 16] = src[d];
+    } else {
+      for (int64_t d = 0; d < D; ++d) dst[d * 16] = 0.0f;
+    }
+  }
+  for (int64_t j = 0; j < Lk; ++j) {
+    std::memcpy(Vp + j * Dp, v + j * svl, D * sizeof(float));
+    for (int64_t d = D; d < Dp; ++d) Vp[j * Dp + d] = 0.0f;
+  }
+}
+
+// Online-softmax step for one row: s[0:valid) are raw scores (s[valid:n) masked); overwrites s[0:n)
+// with p = exp(s * scale - m_new), updates m and l, and returns alpha = exp(m_old - m_new).
+float softmax_row(float* s, int64_t valid, int64_t n, float scale, float& m, float& l) {
+  const int64_t vv = valid & ~int64_t(7);
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j < vv; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
+  float rmax = hmax(mx);
+  for (; j < valid; ++j) rmax = std::max(rmax, s[j]);
+  const float m_new = std::max(m, rmax * scale);
+  if (m_new == -INFINITY) {  // nothing visible yet (never happens with key 0 always visible)
+    std::fill(s, s + n, 0.0f);
+    return 1.0f;
+  }
+  const __m256 vscale = _mm256_set1_ps(scale), vneg = _mm256_set1_ps(-m_new);
+  __m256 sum = _mm256_setzero_ps();
+  for (j = 0; j < vv; j += 8) {
+    const __m256 p = exp_ps(_mm256_fmadd_ps(_mm256_loadu_ps(s + j), vscale, vneg));
+    sum = _mm256_add_ps(sum, p);
+    _mm256_storeu_ps(s + j, p);
+  }
+  if (j < valid) {
+    const __m256i tm = tail_mask(valid - j);
+    __m256 p = exp_ps(_mm256_fmadd_ps(_mm256_maskload_ps(s + j, tm), vscale, vneg));
+    p = _mm256_and_ps(p, _mm256_castsi256_ps(tm));
+    sum = _mm256_add_ps(sum, p);
+    _mm256_maskstore_ps(s + j, tm, p);
+    j = valid;
+  }
+  for (; j < n; ++j) s[j] = 0.0f;
+  const float alpha = m == -INFINITY ? 1.0f : std::exp(m - m_new);  // first block: l and O are still 0
+  l = l * alpha + hsum(sum);
+  m = m_new;
+  return alpha;
+}
+
+void scale_row(float* o, int64_t n, float a) {
+  const __m256 va = _mm256_set1_ps(a);
+  for (int64_t d = 0; d < n; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), va));
+}
+
+void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const float* v, Strides sv, float* out,
+                   Strides so, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool causal, float scale) {
+  const int64_t nqb = ceil_div(Lq, kMaxBQ), bq = ceil_div(Lq, nqb);
+  const int64_t nkb = ceil_div(Lk, kMaxBK), bk = round_up(ceil_div(Lk, nkb), 16);
+  const int64_t Lkp = round_up(Lk, 16), Dp = round_up(D, 8);
+  const int64_t tasks = B * H * nqb;
+  // Whole (batch, head) units when there are plenty (one K/V packing each), else single query blocks.
+  const int64_t grain = B * H >= 4 * max_threads() ? nqb : 1;
+  parallel_for(tasks, grain, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> kbuf, vbuf, sbuf, obuf, mlbuf;
+    float* Kp = scratch(kbuf, Lkp * D);
+    float* Vp = scratch(vbuf, Lk * Dp);
+    float* S = scratch(sbuf, bq * bk);
+    float* O = scratch(obuf, bq * Dp);
+    float* M = scratch(mlbuf, 2 * bq);
+    float* Lsum = M + bq;
+    int64_t packed = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / nqb, qb = t % nqb, b = bh / H, h = bh % H;
+      if (bh != packed) {
+        pack_kv(k + b * sk.b + h * sk.h, sk.l, v + b * sv.b + h * sv.h, sv.l, Lk, D, Dp, Kp, Vp);
+        packed = bh;
+      }
+      const int64_t i0 = qb * bq, nq = std::min(bq, Lq - i0);
+      const int64_t kend = causal ? std::min(Lk, i0 + nq) : Lk;
+      const float* qrows = q + b * sq.b + h * sq.h + i0 * sq.l;
+      std::fill(M, M + nq, -INFINITY);
+      std::fill(Lsum, Lsum + nq, 0.0f);
+      for (int64_t j0 = 0; j0 < kend; j0 += bk) {
+        const int64_t nk = std::min(bk, kend - j0);
+        gemm(nq, round_up(nk, 8), D, qrows, sq.l, Kp + (j0 / 16) * D * 16, 16 * D, 16, S, bk, false);
+        for (int64_t r = 0; r < nq; ++r) {
+          const int64_t valid = causal ? std::max<int64_t>(0, std::min(nk, i0 + r + 1 - j0)) : nk;
+          const float alpha = softmax_row(S + r * bk, valid, nk, scale, M[r], Lsum[r]);
+          if (alpha != 1.0f) scale_row(O + r * Dp, Dp, alpha);
+        }
+        gemm(nq, Dp, nk, S, bk, Vp + j0 * Dp, 16, Dp, O, Dp, /*accumulate=*/j0 > 0);
+      }
+      float* orows = out + b * so.b + h * so.h + i0 * so.l;
+      for (int64_t r = 0; r < nq; ++r) {
+        const float inv = 1.0f / Lsum[r];
+        const float* src = O + r * Dp;
+        float* dst = orows + r * so.l;
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_loadu_ps(src + d), _mm256_set1_ps(inv)));
+        for (; d < D; ++d) dst[d] = src[d] * inv;
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace fastclip
+
+#pragma GCC pop_options
+
+namespace fastclip {
+
+void bind_attention(py::module_& m) {
+  m.def(
+      "attention",
+      [](uintptr_t q, py::tuple sq, uintptr_t k, py::tuple sk, uintptr_t v, py::tuple sv, uintptr_t out,
+         py::tuple so, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool causal, float scale) {
+        auto st = [](py::tuple t) { return Strides{t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>()}; };
+        const Strides a = st(sq), b = st(sk), c = st(sv), d = st(so);
+        py::gil_scoped_release release;
+        attention_f32(reinterpret_cast<const float*>(q), a, reinterpret_cast<const float*>(k), b,
+                      reinterpret_cast<const float*>(v), c, reinterpret_cast<float*>(out), d, B, H, Lq, Lk, D, causal,
+                      scale);
+      },
+      "attention(q, q_strides, k, k_strides, v, v_strides, out, out_strides, B, H, Lq, Lk, D, causal, scale): "
+      "fp32 pointers; strides (b, h, l) in elements, unit stride on D.");
+}
+
+}  // namespace fastclip

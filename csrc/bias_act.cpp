@@ -1,0 +1,100 @@
+// bias_act: y = act(x + bias), fp32, act in none / gelu (erf) / gelu_tanh / quick_gelu.
+//
+//   x: (R, N) rows of stride sx (unit stride on N); bias: (N,) or none; y: (R, N) rows of stride sy.
+//   y may be x itself (each element is read before it is written), so the op can run in place.
+// Rows are split over torch's OpenMP threads; one AVX2 pass per row, the activation chosen at compile
+// time (one instantiation per activation).
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace fastclip {
+namespace {
+
+enum Act { kNone = 0, kGelu = 1, kGeluTanh = 2, kQuickGelu = 3 };
+
+}  // namespace
+}  // namespace fastclip
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace fastclip {
+namespace {
+
+template <int ACT>
+inline __m256 activate(__m256 x) {
+  if (ACT == kGelu) {  // 0.5 x (1 + erf(x / sqrt(2)))
+    const __m256 e = erf_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(e, _mm256_set1_ps(1.0f)));
+  }
+  if (ACT == kGeluTanh) {  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    const __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.79788456080286536f), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(tanh_ps(u), _mm256_set1_ps(1.0f)));
+  }
+  if (ACT == kQuickGelu) {  // x * sigmoid(1.702 x)
+    const __m256 e = exp_ps(_mm256_mul_ps(_mm256_set1_ps(-1.702f), x));
+    return _mm256_mul_ps(x, _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+  }
+  return x;
+}
+
+template <int ACT>
+void bias_act_rows(const float* x, int64_t sx, const float* bias, float* y, int64_t sy, int64_t r0, int64_t r1,
+                   int64_t N) {
+  const int64_t Nv = N & ~int64_t(7);
+  const __m256i tm = tail_mask(N - Nv);
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* xr = x + i * sx;
+    float* yr = y + i * sy;
+    int64_t n = 0;
+    if (bias) {
+      for (; n < Nv; n += 8) _mm256_storeu_ps(yr + n, activate<ACT>(_mm256_add_ps(_mm256_loadu_ps(xr + n), _mm256_loadu_ps(bias + n))));
+      if (n < N)
+        _mm256_maskstore_ps(yr + n, tm, activate<ACT>(_mm256_add_ps(_mm256_maskload_ps(xr + n, tm), _mm256_maskload_ps(bias + n, tm))));
+    } else {
+      for (; n < Nv; n += 8) _mm256_storeu_ps(yr + n, activate<ACT>(_mm256_loadu_ps(xr + n)));
+      if (n < N) _mm256_maskstore_ps(yr + n, tm, activate<ACT>(_mm256_maskload_ps(xr + n, tm)));
+    }
+  }
+}
+
+template <int ACT>
+void bias_act_f32(const float* x, int64_t sx, const float* bias, float* y, int64_t sy, int64_t rows, int64_t N) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
+  parallel_for(rows, grain, [&](int64_t r0, int64_t r1) { bias_act_rows<ACT>(x, sx, bias, y, sy, r0, r1, N); });
+}
+
+}  // namespace
+}  // namespace fastclip
+
+#pragma GCC pop_options
+
+namespace fastclip {
+
+void bind_bias_act(py::module_& m) {
+  m.def(
+      "bias_act",
+      [](uintptr_t x, int64_t sx, uintptr_t bias, uintptr_t y, int64_t sy, int64_t rows, int64_t N, int act) {
+        if (act < kNone || act > kQuickGelu) throw std::invalid_argument("bias_act: act code must be 0..3");
+        const auto* xp = reinterpret_cast<const float*>(x);
+        const auto* bp = reinterpret_cast<const float*>(bias);
+        auto* yp = reinterpret_cast<float*>(y);
+        py::gil_scoped_release release;
+        switch (act) {
+          case kNone: bias_act_f32<kNone>(xp, sx, bp, yp, sy, rows, N); break;
+          case kGelu: bias_act_f32<kGelu>(xp, sx, bp, yp, sy, rows, N); break;
+          case kGeluTanh: bias_act_f32<kGeluTanh>(xp, sx, bp, yp, sy, rows, N); break;
+          default: bias_act_f32<kQuickGelu>(xp, sx, bp, yp, sy, rows, N); break;
+        }
+      },
+      "bias_act(x, sx, bias|0, y, sy, rows, N, act): fp32 pointers, row strides in elements; "
+      "act 0 none, 1 gelu (erf), 2 gelu_tanh, 3 quick_gelu; y may equal x (in place).");
+}
+
+}  // namespace fastclip

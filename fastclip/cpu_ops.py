@@ -1,0 +1,231 @@
+"""The ``cpp`` backend: host-side checks, then the fp32 AVX2/FMA kernels of ``fastclip._C`` (csrc/).
+
+Every op has the signature of its reference in fastclip/ref.py. A call runs the C++ kernel when all
+tensors are float32, strided, on the CPU, no gradient is being recorded for them (the kernels have no
+backward) and ``upcast`` is False; anything else -- bf16/fp16, autograd, meta tensors, empty inputs --
+runs the reference op, so results never depend on the path. Inner dims must have unit stride; a
+tensor that does not is made contiguous here. Outer strides are passed to the kernels, so views such as
+q/k/v of a packed qkv tensor or the class-token rows ``x[:, 0]`` are read in place. The kernels run on
+torch's own OpenMP thread pool (see csrc/common.h), so ``torch.set_num_threads`` governs them too.
+
+``linear`` is not a kernel of ours: it runs MKL's GEMM on weights packed once into MKL's layout (see
+the linear section). That packed copy costs as much memory as the weights, for ~4.5% of ViT-B-32
+throughput here, so it is opt-in: FASTCLIP_MKL_PACK=1.
+
+Importing this module fails with ImportError when ``fastclip._C`` is not built or the CPU lacks
+AVX2/FMA; ``backend="auto"`` then falls back to the reference ops (fastclip/ops.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import _C, ref
+
+if not _C.cpu_supported():
+    raise ImportError("fastclip._C kernels need a CPU with AVX2 and FMA; this one lacks them")
+
+_ACT_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
+
+
+def _native(*tensors: torch.Tensor | None) -> bool:
+    """All given tensors are non-empty fp32 strided CPU tensors and no autograd graph is being built."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.layout != torch.strided or t.numel() == 0:
+            return False
+        if grad and t.requires_grad:
+            return False
+    return True
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """t itself if its last dim has unit stride (or size 1), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., D) as a (R, D) tensor with unit stride on D (a view when the layout allows)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return _unit_last(x2)
+
+
+def _vector(t: torch.Tensor, n: int) -> torch.Tensor | None:
+    """A (n,) parameter as a contiguous vector, or None if it is not (n,)."""
+    if t.ndim != 1 or t.shape[0] != n:
+        return None
+    return t.contiguous()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, upcast: bool = False):
+    """softmax(q k^T / sqrt(Dh) [+ causal mask]) v.  q: (B, H, Lq, Dh), k/v: (B, H, Lk, Dh) -> (B, H, Lq, Dh).
+
+    The result is a (B, H, Lq, Dh) view of a (B, Lq, H, Dh) buffer, so ``out.transpose(1, 2).reshape(B, Lq,
+    H * Dh)`` (what the model does next) is free.
+    """
+    if upcast or not _native(q, k, v) or q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+        return ref.attention(q, k, v, causal=causal, upcast=upcast)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D or (causal and Lq != Lk):
+        return ref.attention(q, k, v, causal=causal)  # raises the reference's error for bad shapes
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    out = torch.empty((B, Lq, H, D), dtype=q.dtype).transpose(1, 2)
+    _C.attention(q.data_ptr(), q.stride()[:3], k.data_ptr(), k.stride()[:3], v.data_ptr(), v.stride()[:3],
+                 out.data_ptr(), out.stride()[:3], B, H, Lq, Lk, D, bool(causal), 1.0 / math.sqrt(D))
+    return out
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               residual: torch.Tensor | None = None, upcast: bool = False):
+    """LayerNorm over the last dim.  x: (..., D), weight/bias: (D,) -> (..., D); with ``residual`` (same
+    shape as x) -> (layer_norm(x + residual), x + residual), the sum computed once."""
+    D = x.shape[-1] if x.ndim else 0
+    w = _vector(weight, D) if weight is not None else None
+    b = _vector(bias, D) if bias is not None else None
+    if (upcast or w is None or b is None or not _native(x, w, b, residual)
+            or (residual is not None and residual.shape != x.shape)):
+        return ref.layer_norm(x, weight, bias, eps, residual=residual, upcast=upcast)
+    x2 = _rows(x)
+    y = torch.empty(x.shape, dtype=x.dtype)
+    if residual is None:
+        _C.layer_norm(x2.data_ptr(), x2.stride(0), 0, 0, w.data_ptr(), b.data_ptr(), y.data_ptr(), D, 0, 0,
+                      x2.shape[0], D, float(eps))
+        return y
+    r2 = _rows(residual)
+    s = torch.empty(x.shape, dtype=x.dtype)
+    _C.layer_norm(x2.data_ptr(), x2.stride(0), r2.data_ptr(), r2.stride(0), w.data_ptr(), b.data_ptr(), y.data_ptr(),
+                  D, s.data_ptr(), D, x2.shape[0], D, float(eps))
+    return y, s
+
+
+def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool = False) -> torch.Tensor:
+    """act(x + bias).  x: (..., N), bias: (N,) or None -> (..., N); act in none/gelu/gelu_tanh/quick_gelu."""
+    code = _ACT_CODES.get(act)
+    N = x.shape[-1] if x.ndim else 0
+    b = _vector(bias, N) if bias is not None else None
+    if upcast or code is None or (bias is not None and b is None) or not _native(x, b):
+        return ref.bias_act(x, bias, act, upcast=upcast)
+    if code == 0 and b is None:
+        return x
+    x2 = _rows(x)
+    y = torch.empty(x.shape, dtype=x.dtype)
+    _C.bias_act(x2.data_ptr(), x2.stride(0), _ptr(b), y.data_ptr(), N, x2.shape[0], N, code)
+    return y
+
+
+def normalize_project(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+                      proj: torch.Tensor | None, proj_bias: torch.Tensor | None = None, normalize: bool = False,
+                      upcast: bool = False, index: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm -> @ proj (+ proj_bias) -> optional L2 normalisation, on pooled rows.
+
+    x: (B, W), or (B, L, W) with ``index`` (B,) the pooled position of each row (gathered in the kernel);
+    proj: (W, E) or None; proj_bias: (E,) -> (B, E).
+    """
+    def fallback():
+        return ref.normalize_project(x, ln_weight, ln_bias, eps, proj, proj_bias, normalize, upcast, index)
+
+    if upcast or x.ndim != (2 if index is None else 3) or not _native(x, ln_weight, ln_bias, proj, proj_bias):
+        return fallback()
+    B, W = x.shape[0], x.shape[-1]
+    E = W if proj is None else proj.shape[-1]
+    w, b = _vector(ln_weight, W), _vector(ln_bias, W)
+    pb = _vector(proj_bias, E) if proj_bias is not None else None
+    if (w is None or b is None or (proj_bias is not None and pb is None)
+            or (proj is not None and (proj.ndim != 2 or proj.shape[0] != W))):
+        return fallback()
+    sxl, idx = 0, None
+    if index is not None:
+        L = x.shape[1]
+        if index.dtype not in (torch.int64, torch.int32, torch.int16) or index.shape != (B,):
+            return fallback()
+        idx = index.to(device="cpu", dtype=torch.int64)
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -L or hi >= L:
+            return fallback()  # the reference raises its IndexError
+        idx = (torch.where(idx < 0, idx + L, idx) if lo < 0 else idx).contiguous()
+    x = _unit_last(x)
+    if index is not None:
+        sxl = x.stride(1)
+    p = _unit_last(proj) if proj is not None else None
+    out = torch.empty((B, E), dtype=x.dtype)
+    _C.normalize_project(x.data_ptr(), B, x.stride(0), sxl, _ptr(idx), w.data_ptr(), b.data_ptr(), float(eps), W,
+                         _ptr(p), p.stride(0) if p is not None else 0, E, _ptr(pb), bool(normalize), out.data_ptr())
+    return out
+
+
+# ---------------------------------------------------------------------------------------- linear
+# MKL's packed-weight GEMM: the weight is reordered once into MKL's internal layout
+# (torch.ops.mkl._mkl_reorder_linear_weight) instead of on every call, as F.linear does. It is packed for
+# one batch size M (rows of x) -- the only use MKL documents -- when the same M is seen twice in a row,
+# so varying text lengths never repack on every call. The pack is dropped when the weight changes
+# (its version counter or storage), and costs as much memory as the weight itself.
+# Opt-in with FASTCLIP_MKL_PACK=1; otherwise F.linear, as the reference.
+MKL_PACK_AVAILABLE = (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+                      and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
+_MKL_PACK = MKL_PACK_AVAILABLE and os.environ.get("FASTCLIP_MKL_PACK", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+class _Pack:
+    __slots__ = ("version", "ptr", "m", "packed", "last_m")
+
+    def __init__(self, version: int, ptr: int):
+        self.version, self.ptr, self.m, self.packed, self.last_m = version, ptr, -1, None, -1
+
+
+_PACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def clear_packed_weights() -> None:
+    """Drop every MKL-packed weight (needed only after writing weights behind torch's back, e.g. via numpy)."""
+    _PACKS.clear()
+
+
+def _packed_weight(weight: torch.Tensor, M: int):
+    """MKL-packed ``weight`` for batch size M, or None (use F.linear)."""
+    if weight.is_inference() or not weight.is_contiguous():
+        return None  # inference tensors have no version counter to watch for changes
+    version, ptr = weight._version, weight.data_ptr()
+    entry = _PACKS.get(weight)
+    if entry is None or entry.version != version or entry.ptr != ptr:
+        entry = _PACKS[weight] = _Pack(version, ptr)
+    if entry.m == M:
+        return entry.packed
+    seen_twice, entry.last_m = entry.last_m == M, M
+    if not seen_twice:
+        return None
+    entry.packed, entry.m = None, -1  # free the old pack before making the new one
+    entry.packed, entry.m = torch.ops.mkl._mkl_reorder_linear_weight(weight, M), M
+    return entry.packed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, upcast: bool = False):
+    """y = x @ weight.T + bias.  x: (..., K), weight: (N, K), bias: (N,) -> (..., N); MKL packed weights."""
+    if (upcast or not _MKL_PACK or weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]
+            or not _native(x, weight, bias) or (bias is not None and bias.shape != weight.shape[:1])):
+        return ref.linear(x, weight, bias, upcast=upcast)
+    x2 = x.reshape(-1, x.shape[-1])
+    packed = _packed_weight(weight, x2.shape[0])
+    if packed is None:
+        return F.linear(x, weight, bias)
+    y = torch.ops.mkl._mkl_linear(x2 if x2.is_contiguous() else x2.contiguous(), packed, weight, bias, x2.shape[0])
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def op_table() -> dict:
+    """{op name: C++-backed op} for fastclip.ops (ops not listed here run the reference)."""
+    table = {"attention": attention, "layer_norm": layer_norm, "bias_act": bias_act,
+             "normalize_project": normalize_project}
+    if _MKL_PACK:
+        table["linear"] = linear
+    return table
