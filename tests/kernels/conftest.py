@@ -6,14 +6,11 @@ tests/conftest.py sets it before importing open_clip (which imports triton). It 
 session: nothing else in tests/ runs Triton code, and the compile checks run in a subprocess with
 TRITON_INTERPRET unset (see kernels/compile_check.py).
 
-A source checkout that is not pip-installed has no ``fastclip.kernels`` package (setup.py maps the
-top-level ``kernels/`` folder onto it), so it is registered here from the folder itself.
+``fastclip.kernels`` is the top-level ``kernels/`` folder, mapped by setup.py: install the checkout
+(README, step 1) before running the tests.
 """
-import importlib
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -25,29 +22,6 @@ _already = [m for m in sys.modules if m.startswith("fastclip.kernels.")]
 if _already:  # their kernels were decorated in compiled mode and cannot run on CPU tensors
     raise RuntimeError(f"kernel modules {_already} were imported before tests/kernels/conftest.py set "
                        "TRITON_INTERPRET=1; import them inside tests/kernels only")
-
-
-def _register_kernels_package() -> None:
-    try:
-        importlib.import_module("fastclip.kernels")
-        return
-    except ModuleNotFoundError:
-        pass
-    root = Path(__file__).resolve().parents[2]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import fastclip
-
-    kernels_dir = root / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "fastclip.kernels", kernels_dir / "__init__.py", submodule_search_locations=[str(kernels_dir)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fastclip.kernels"] = module
-    spec.loader.exec_module(module)
-    fastclip.kernels = module
-
-
-_register_kernels_package()
 
 
 # ---------------------------------------------------------------- max-error table, printed at the end
