@@ -1,4 +1,4 @@
-"""The ``fastclip`` command: ``models``, ``embed``, ``verify``, ``info``."""
+"""The ``fastclip`` command: ``models``, ``embed``, ``verify``, ``info``, ``serve``."""
 from __future__ import annotations
 
 import argparse
@@ -115,6 +115,68 @@ def cmd_verify(args) -> int:
     return verify_main(args.precision, not args.no_interpreter, targets)
 
 
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from fastclip.server import ServerConfig, create_app
+    except ImportError as e:
+        raise SystemExit(f"fastclip serve needs the serve extra: pip install 'fastclip[serve]' ({e})") from None
+    import fastclip
+
+    try:
+        cfg = ServerConfig(
+            model_name=args.model_name, max_batch=1 if args.no_batching else args.max_batch,
+            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_items=args.max_items,
+            max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+            max_body_bytes=args.max_body_bytes, api_key=args.api_key or os.environ.get("FASTCLIP_API_KEY") or None,
+            allow_url_hosts=tuple(args.allow_url_host or ()))
+    except ValueError as e:
+        raise SystemExit(f"fastclip serve: {e}") from None
+    if args.random_weights:
+        model = fastclip.create_model(args.model, device=args.device, precision=args.precision, backend=args.backend)
+    else:
+        model = fastclip.load(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision,
+                              backend=args.backend)
+    app = create_app(model, cfg)
+    print(f"fastclip serve: {app.state.fastclip.name} ({model.backend}) on http://{args.host}:{args.port}"
+          + (" (bearer token required on /v1)" if cfg.api_key else ""), file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.graceful_timeout)
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the HTTP embedding service (OpenAI-compatible /v1/embeddings)")
+    p.add_argument("--model", required=True, help="architecture name, checkpoint path, HF directory or hub id")
+    p.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint path (with an architecture name)")
+    p.add_argument("--random-weights", action="store_true", help="random weights (for trying the service out)")
+    p.add_argument("--model-name", default=None, help="model id clients send and /v1/models lists "
+                   "(default: the architecture name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--backend", default=None, choices=["auto", "ref", "cpp", "triton"],
+                   help="op backend (default: $FASTCLIP_BACKEND, else auto)")
+    p.add_argument("--max-batch", type=int, default=32, help="most items per encoder call (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
+    p.add_argument("--no-batching", action="store_true", help="encode one item per call (same as --max-batch 1)")
+    p.add_argument("--max-queue", type=int, default=1024, help="items waiting per modality before 429 (default 1024)")
+    p.add_argument("--max-items", type=int, default=256, help="most items per request (default 256)")
+    p.add_argument("--max-image-bytes", type=int, default=10 * 1024 * 1024, help="per encoded image (default 10 MiB)")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="per image, from its header (default 40M)")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="per request body (default 64 MiB)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
+                   "(default: $FASTCLIP_API_KEY; unset = no auth)")
+    p.add_argument("--allow-url-host", action="append", metavar="HOST",
+                   help="allow http(s) image URLs from HOST (or HOST:PORT, *.domain); repeatable; default: none")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds to let in-flight requests finish on shutdown (default 30)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastclip", description="CLIP / OpenCLIP / SigLIP embeddings")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="version, backends, threads and devices")
     p.set_defaults(func=cmd_info)
+
+    _add_serve_parser(sub)
     return parser
 
 
