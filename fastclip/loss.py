@@ -11,6 +11,13 @@ pass; the backward pass recomputes each tile once and feeds both feature gradien
 O(N·D) + O(block²); only the features, the log-sum-exps and the scalars are saved for backward.
 Compute is float32 (fp16 / bf16 inputs are upcast; their gradients are returned in their dtype).
 
+Backends (``backend=``): ``"torch"`` runs the tiles as blocked torch GEMMs on float32 copies (any device);
+``"triton"`` runs the Triton kernels of ``fastclip.kernels.contrastive_loss`` on the features in their own
+dtype (fp16/bf16 tiles on tensor cores, fp32 accumulation; CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1`` for tests). ``"auto"`` (default) picks Triton for CUDA tensors when it is
+installed, the torch path otherwise; an explicit ``"triton"`` that cannot run raises
+``BackendUnavailableError``.
+
 Multi-process (``torch.distributed`` initialised, world size > 1): each rank passes its shard. Text
 blocks travel rank to rank around a ring (``batch_isend_irecv``), never all-gathered; the backward pass
 sends each text block's gradient accumulator along with it, so it arrives home after one lap.
@@ -35,12 +42,13 @@ from torch import nn
 from . import loss_blocks
 from .errors import FastclipError
 
-__all__ = ["ClipLoss", "SigLipLoss", "clip_loss", "siglip_loss", "LossInputError", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["ClipLoss", "SigLipLoss", "clip_loss", "siglip_loss", "LossInputError", "DEFAULT_BLOCK_SIZE", "BACKENDS"]
 
 # 1024 x 1024 tiles (4 MiB, two live at once) keep the element-wise passes in the L2/L3 caches while the
 # 1024 x D x 1024 GEMMs still run near MKL's sgemm rate on 2 cores (measured fastest of 1024/2048/4096).
 DEFAULT_BLOCK_SIZE = 1024
 _ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "torch", "triton")
 
 
 class LossInputError(FastclipError, ValueError):
@@ -154,26 +162,34 @@ def _check_world(ring: _Ring, rank: Optional[int], world_size: Optional[int]) ->
         raise LossInputError(f"rank={rank} but this process is rank {ring.rank} of its group")
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float32).contiguous()
+# ---------------------------------------------------------------- backend
+def _check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend.lower() not in BACKENDS:
+        raise LossInputError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return backend.lower()
+
+
+def _tiles(backend: str, device: torch.device):
+    """The tile backend class (fastclip.loss_blocks.TorchTiles / TritonTiles) for features on ``device``."""
+    return loss_blocks.tiles_for(_check_backend(backend), device)
 
 
 # ---------------------------------------------------------------- InfoNCE
 class _ClipLossFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image_features, text_features, logit_scale, logit_bias, block, ring):
-        img, txt = _f32(image_features), _f32(text_features)
+    def forward(ctx, image_features, text_features, logit_scale, logit_bias, block, ring, tiles_cls):
+        img, txt = tiles_cls.operand(image_features), tiles_cls.operand(text_features)
         scale = logit_scale.detach().to(torch.float32).reshape(())
         n = img.shape[0]
         big_n = n * ring.world
-        img_s = img * scale
+        tiles = tiles_cls(img, scale, None, block)
         f64 = dict(dtype=torch.float64, device=img.device)
         lse_row = torch.full((n,), -math.inf, **f64)
         lse_col = torch.full((big_n,), -math.inf, **f64)  # partial: this rank's rows only
         diag = torch.empty(n, **f64)  # this rank's diagonal logits, as the tiles hold them
         for _, owner, txt_blk in ring.lap(txt):
-            loss_blocks.clip_lse_(img_s, txt_blk, lse_row, lse_col[owner * n:(owner + 1) * n], block,
-                                  diag=diag if owner == ring.rank else None)
+            tiles.clip_lse_(txt_blk, lse_row, lse_col[owner * n:(owner + 1) * n],
+                            diag=diag if owner == ring.rank else None)
         if ring.world > 1:  # log-sum-exp over ranks of the column partials
             col_max = ring.all_reduce(lse_col.clone(), dist.ReduceOp.MAX)
             lse_col = ring.all_reduce((lse_col - col_max).exp_()).log_().add_(col_max)
@@ -182,28 +198,29 @@ class _ClipLossFn(torch.autograd.Function):
         local = ring.all_reduce(torch.stack([(lse_row - diag).sum(), (own_cols - diag).sum()]))
         loss = (local[0] + local[1]) / (2 * big_n)
         ctx.save_for_backward(img, txt, scale, lse_row, lse_col)
-        ctx.meta = (block, ring, image_features.dtype, text_features.dtype, logit_scale.dtype,
-                    logit_scale.shape, logit_bias is not None and logit_bias.requires_grad)
+        ctx.meta = (block, ring, tiles_cls, image_features.dtype, text_features.dtype, logit_scale.dtype,
+                    logit_scale.shape)
         ctx.bias_like = None if logit_bias is None else (logit_bias.dtype, logit_bias.shape)
         return loss.to(torch.float32)
 
     @staticmethod
     def backward(ctx, grad_loss):
         img, txt, scale, lse_row, lse_col = ctx.saved_tensors
-        block, ring, img_dtype, txt_dtype, scale_dtype, scale_shape, _ = ctx.meta
+        block, ring, tiles_cls, img_dtype, txt_dtype, scale_dtype, scale_shape = ctx.meta
         n = img.shape[0]
         big_n = n * ring.world
         g = grad_loss.detach().to(torch.float32).reshape(())
         g_total = ring.all_reduce(g.clone().reshape(1))[0]  # OpenCLIP: reduce-scatter SUM of all ranks' grads
         s = float(scale)
-        img_s = img * scale
-        d_img = torch.zeros_like(img)   # sum_j G_ij txt_j  (G = P_row + P_col, unscaled)
-        d_txt = torch.zeros_like(txt)   # accumulator that travels with the text block
+        tiles = tiles_cls(img, scale, None, block)
+        f32 = dict(dtype=torch.float32, device=img.device)
+        d_img = torch.zeros(img.shape, **f32)   # sum_j G_ij txt_j  (G = P_row + P_col, unscaled)
+        d_txt = torch.zeros(txt.shape, **f32)   # accumulator that travels with the text block
         current, owner = txt, ring.rank
         for step in range(ring.world):
             pending = ring.start_shift(current) if step < ring.world - 1 else None
-            loss_blocks.clip_grad_(img_s, img, current, lse_row, lse_col[owner * n:(owner + 1) * n],
-                                   d_img, d_txt, block, diag_offset=0 if owner == ring.rank else None)
+            tiles.clip_grad_(current, lse_row, lse_col[owner * n:(owner + 1) * n], d_img, d_txt,
+                             diag_offset=0 if owner == ring.rank else None)
             if ring.world > 1:
                 d_txt = ring.shift(d_txt)   # after the last step it is back with its owner
             if pending is not None:
@@ -213,7 +230,7 @@ class _ClipLossFn(torch.autograd.Function):
         # dL/dlogits = (P_row + P_col - 2 I) / 2N; with S = img @ txt.T, dL/dscale = sum(dL/dlogits * S)
         d_img.mul_(1.0 / (2 * big_n))
         d_txt.mul_(1.0 / (2 * big_n))
-        d_scale = ring.all_reduce((img * d_img).sum(dtype=torch.float64).reshape(1))[0]
+        d_scale = ring.all_reduce((img.float() * d_img).sum(dtype=torch.float64).reshape(1))[0]
         grad_img = (d_img.mul_(g_total * s)).to(img_dtype) if ctx.needs_input_grad[0] else None
         grad_txt = (d_txt.mul_(g_total * s)).to(txt_dtype) if ctx.needs_input_grad[1] else None
         grad_scale = None
@@ -223,44 +240,44 @@ class _ClipLossFn(torch.autograd.Function):
         if ctx.needs_input_grad[3]:  # a constant shift of all logits leaves the softmaxes unchanged
             dtype, shape = ctx.bias_like
             grad_bias = torch.zeros(shape, dtype=dtype, device=img.device)
-        return grad_img, grad_txt, grad_scale, grad_bias, None, None
+        return grad_img, grad_txt, grad_scale, grad_bias, None, None, None
 
 
 # ---------------------------------------------------------------- sigmoid
 class _SigLipLossFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image_features, text_features, logit_scale, logit_bias, block, ring):
-        img, txt = _f32(image_features), _f32(text_features)
+    def forward(ctx, image_features, text_features, logit_scale, logit_bias, block, ring, tiles_cls):
+        img, txt = tiles_cls.operand(image_features), tiles_cls.operand(text_features)
         scale = logit_scale.detach().to(torch.float32).reshape(())
         bias = logit_bias.detach().to(torch.float32).reshape(())
         n = img.shape[0]
-        img_s = img * scale
+        tiles = tiles_cls(img, scale, bias, block)
         total = torch.zeros((), dtype=torch.float64, device=img.device)
         for step, _, txt_blk in ring.lap(txt):  # positives (own diagonal) are counted as softplus(-z)
-            total += loss_blocks.siglip_softplus_sum(img_s, txt_blk, bias, block, 0 if step == 0 else None)
+            total += tiles.siglip_softplus_sum(txt_blk, 0 if step == 0 else None)
         loss = total / n
         ctx.save_for_backward(img, txt, scale, bias)
-        ctx.meta = (block, ring, image_features.dtype, text_features.dtype, logit_scale.dtype,
+        ctx.meta = (block, ring, tiles_cls, image_features.dtype, text_features.dtype, logit_scale.dtype,
                     logit_scale.shape, logit_bias.dtype, logit_bias.shape)
         return loss.to(torch.float32)
 
     @staticmethod
     def backward(ctx, grad_loss):
         img, txt, scale, bias = ctx.saved_tensors
-        block, ring, img_dtype, txt_dtype, scale_dtype, scale_shape, bias_dtype, bias_shape = ctx.meta
+        block, ring, tiles_cls, img_dtype, txt_dtype, scale_dtype, scale_shape, bias_dtype, bias_shape = ctx.meta
         n = img.shape[0]
         g = float(grad_loss)
         s = float(scale)
-        img_s = img * scale
-        d_img = torch.zeros_like(img)
-        d_txt = torch.zeros_like(txt)   # travels with the text block; each rank adds its own loss's share
+        tiles = tiles_cls(img, scale, bias, block)
+        f32 = dict(dtype=torch.float32, device=img.device)
+        d_img = torch.zeros(img.shape, **f32)
+        d_txt = torch.zeros(txt.shape, **f32)   # travels with the text block; each rank adds its own loss's share
         alpha_txt = g * s / n
         sig_sum = torch.zeros((), dtype=torch.float64, device=img.device)
         current = txt
         for step in range(ring.world):
             pending = ring.start_shift(current) if step < ring.world - 1 else None
-            sig_sum += loss_blocks.siglip_grad_blocks_(img_s, img, current, bias, d_img, d_txt, block,
-                                                       alpha_txt=alpha_txt, diag_offset=0 if step == 0 else None)
+            sig_sum += tiles.siglip_grad_(current, d_img, d_txt, alpha_txt, diag_offset=0 if step == 0 else None)
             if ring.world > 1:
                 d_txt = ring.shift(d_txt)
             if pending is not None:
@@ -272,10 +289,10 @@ class _SigLipLossFn(torch.autograd.Function):
         grad_txt = d_txt.to(txt_dtype) if ctx.needs_input_grad[1] else None
         grad_scale = grad_bias = None
         if ctx.needs_input_grad[2]:
-            grad_scale = (g * (img * d_img).sum(dtype=torch.float64)).to(scale_dtype).reshape(scale_shape)
+            grad_scale = (g * (img.float() * d_img).sum(dtype=torch.float64)).to(scale_dtype).reshape(scale_shape)
         if ctx.needs_input_grad[3]:
             grad_bias = (g * sig_sum / n).to(bias_dtype).reshape(bias_shape)
-        return grad_img, grad_txt, grad_scale, grad_bias, None, None
+        return grad_img, grad_txt, grad_scale, grad_bias, None, None, None
 
 
 # ---------------------------------------------------------------- functional API
@@ -287,19 +304,22 @@ def _block(block_size) -> int:
 
 
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, block_size=None, group=None,
-              check_finite: bool = True) -> torch.Tensor:
-    """Symmetric InfoNCE of OpenCLIP's ClipLoss, blockwise (see the module docstring for multi-process)."""
+              check_finite: bool = True, backend: str = "auto") -> torch.Tensor:
+    """Symmetric InfoNCE of OpenCLIP's ClipLoss, blockwise (see the module docstring for multi-process and
+    ``backend``)."""
     scale, bias = _check(image_features, text_features, logit_scale, logit_bias, check_finite, "logit_bias")
-    return _ClipLossFn.apply(image_features, text_features, scale, bias, _block(block_size), _Ring(group))
+    tiles_cls = _tiles(backend, image_features.device)
+    return _ClipLossFn.apply(image_features, text_features, scale, bias, _block(block_size), _Ring(group), tiles_cls)
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, block_size=None, group=None,
-                check_finite: bool = True) -> torch.Tensor:
-    """OpenCLIP's SigLipLoss, blockwise (see the module docstring for multi-process)."""
+                check_finite: bool = True, backend: str = "auto") -> torch.Tensor:
+    """OpenCLIP's SigLipLoss, blockwise (see the module docstring for multi-process and ``backend``)."""
     if logit_bias is None:
         raise LossInputError("SigLipLoss needs logit_bias (a scalar); pass 0.0 for none")
     scale, bias = _check(image_features, text_features, logit_scale, logit_bias, check_finite, "logit_bias")
-    return _SigLipLossFn.apply(image_features, text_features, scale, bias, _block(block_size), _Ring(group))
+    tiles_cls = _tiles(backend, image_features.device)
+    return _SigLipLossFn.apply(image_features, text_features, scale, bias, _block(block_size), _Ring(group), tiles_cls)
 
 
 # ---------------------------------------------------------------- modules (drop-in for open_clip.loss)
@@ -307,11 +327,12 @@ class ClipLoss(nn.Module):
     """Drop-in for ``open_clip.loss.ClipLoss`` with ``gather_with_grad=True, local_loss=False`` semantics.
 
     ``rank`` / ``world_size`` default to the initialised process group (or 0 / 1); if given they must match
-    it. ``block_size`` is the tile edge (rows of image and text features per GEMM)."""
+    it. ``block_size`` is the tile edge (rows of image and text features per GEMM) of the torch backend;
+    ``backend`` is "auto", "torch" or "triton" (module docstring)."""
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, cache_labels: bool = False,
                  rank: Optional[int] = None, world_size: Optional[int] = None, use_horovod: bool = False, *,
-                 block_size: Optional[int] = None, group=None, check_finite: bool = True):
+                 block_size: Optional[int] = None, group=None, check_finite: bool = True, backend: str = "auto"):
         super().__init__()
         if local_loss:
             raise LossInputError("local_loss=True is not supported: fastclip's ClipLoss computes the global "
@@ -323,30 +344,33 @@ class ClipLoss(nn.Module):
             raise LossInputError("horovod is not supported; use torch.distributed")
         self.rank, self.world_size, self.group = rank, world_size, group
         self.block_size, self.check_finite = _block(block_size), check_finite
+        self.backend = _check_backend(backend)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         _check_world(_Ring(self.group), self.rank, self.world_size)
         loss = clip_loss(image_features, text_features, logit_scale, logit_bias, block_size=self.block_size,
-                         group=self.group, check_finite=self.check_finite)
+                         group=self.group, check_finite=self.check_finite, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
 class SigLipLoss(nn.Module):
     """Drop-in for ``open_clip.loss.SigLipLoss`` (labels +1 on the diagonal, -1 elsewhere; the sum of
     -log sigmoid(label * (scale * i.t + bias)) divided by the number of image rows). ``dist_impl`` is
-    accepted for compatibility; every choice gives the same loss and gradients."""
+    accepted for compatibility; every choice gives the same loss and gradients. ``block_size`` and
+    ``backend`` as for ``ClipLoss``."""
 
     def __init__(self, cache_labels: bool = False, rank: Optional[int] = None, world_size: Optional[int] = None,
                  dist_impl: Optional[str] = None, *, block_size: Optional[int] = None, group=None,
-                 check_finite: bool = True):
+                 check_finite: bool = True, backend: str = "auto"):
         super().__init__()
         if (dist_impl or "bidir") not in ("bidir", "shift", "reduce", "gather"):
             raise LossInputError(f"unknown dist_impl {dist_impl!r}")
         self.rank, self.world_size, self.group = rank, world_size, group
         self.block_size, self.check_finite = _block(block_size), check_finite
+        self.backend = _check_backend(backend)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
         _check_world(_Ring(self.group), self.rank, self.world_size)
         loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, block_size=self.block_size,
-                           group=self.group, check_finite=self.check_finite)
+                           group=self.group, check_finite=self.check_finite, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss

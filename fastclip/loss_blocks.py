@@ -1,4 +1,4 @@
-"""Tiled math of the blockwise contrastive losses (plain PyTorch, any device).
+"""Tiled math of the blockwise contrastive losses, and the two tile backends ``fastclip.loss`` drives.
 
 Every function here streams tiles of the logit matrix ``L = img_s @ txt.T`` (``img_s`` = image features
 already multiplied by ``logit_scale``) of at most ``block x block`` elements through one reused buffer:
@@ -7,10 +7,19 @@ on it is a handful of in-place passes. The callers (``fastclip.loss``) own the a
 exchange between processes and the scaling of the results.
 
 All tensors are float32 (the callers upcast) and contiguous.
+
+``TorchTiles`` (these functions: plain PyTorch, any device) and ``TritonTiles`` (the Triton kernels of
+``fastclip.kernels.contrastive_loss`` / ``contrastive_loss_bwd``: CUDA, or CPU under TRITON_INTERPRET=1)
+bind the image side of a block pair once and expose the same four tile operations to ``fastclip.loss``.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
+
+from .errors import BackendUnavailableError
+from .ops import triton_interpret
 
 # exp() of arguments below ~-87 gives float32 denormals, and x86 handles those in microcode: exp_ and the
 # GEMMs fed with such tiles run 5-50x slower. Arguments are clamped at _EXP_FLOOR first, so a tile holds
@@ -151,3 +160,95 @@ def siglip_grad_blocks_(img_s: torch.Tensor, img: torch.Tensor, txt: torch.Tenso
             d_img[i0:i1].addmm_(grad, txt_blk, alpha=alpha_img)
             d_txt[j0:j1].addmm_(grad.t(), img_blk, alpha=alpha_txt)
     return total
+
+
+# ---------------------------------------------------------------- tile backends (image side bound once)
+class TorchTiles:
+    """The blocked torch GEMMs above, over float32 copies of the features (any device).
+
+    ``img``: (n, D) features as ``operand`` returns them; ``scale`` / ``bias``: fp32 scalar tensors."""
+
+    name = "torch"
+
+    def __init__(self, img: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, block: int):
+        self.img, self.bias, self.block = img, bias, block
+        self.img_s = img * scale
+
+    @staticmethod
+    def operand(t: torch.Tensor) -> torch.Tensor:
+        """The features as this backend streams them (and sends around the ring): float32, contiguous."""
+        return t.detach().to(torch.float32).contiguous()
+
+    def clip_lse_(self, txt, lse_row, lse_col, diag=None) -> None:
+        clip_lse_(self.img_s, txt, lse_row, lse_col, self.block, diag=diag)
+
+    def clip_grad_(self, txt, lse_row, lse_col, d_img, d_txt, diag_offset=None) -> None:
+        clip_grad_(self.img_s, self.img, txt, lse_row, lse_col, d_img, d_txt, self.block, diag_offset=diag_offset)
+
+    def siglip_softplus_sum(self, txt, diag_offset=None) -> torch.Tensor:
+        return siglip_softplus_sum(self.img_s, txt, self.bias, self.block, diag_offset)
+
+    def siglip_grad_(self, txt, d_img, d_txt, alpha_txt, diag_offset=None) -> torch.Tensor:
+        return siglip_grad_blocks_(self.img_s, self.img, txt, self.bias, d_img, d_txt, self.block,
+                                   alpha_txt=alpha_txt, diag_offset=diag_offset)
+
+
+class TritonTiles:
+    """The Triton kernels on the features in their own dtype (fp32/fp16/bf16 tiles, fp32 accumulation);
+    their own tile sizes replace ``block``."""
+
+    name = "triton"
+
+    def __init__(self, img: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, block: int):
+        from .kernels import contrastive_loss, contrastive_loss_bwd
+
+        self.fwd, self.bwd = contrastive_loss, contrastive_loss_bwd
+        self.img, self.scale, self.bias = img, scale, bias
+
+    @staticmethod
+    def operand(t: torch.Tensor) -> torch.Tensor:
+        """The features as this backend streams them: their own dtype, contiguous."""
+        return t.detach().contiguous()
+
+    def clip_lse_(self, txt, lse_row, lse_col, diag=None) -> None:
+        self.fwd.clip_lse_(self.img, txt, self.scale, lse_row, lse_col, diag=diag)
+
+    def clip_grad_(self, txt, lse_row, lse_col, d_img, d_txt, diag_offset=None) -> None:
+        self.bwd.clip_grad_(self.img, txt, self.scale, lse_row, lse_col, d_img, d_txt, diag_offset=diag_offset)
+
+    def siglip_softplus_sum(self, txt, diag_offset=None) -> torch.Tensor:
+        return self.fwd.siglip_softplus_sum(self.img, txt, self.scale, self.bias, diag_offset)
+
+    def siglip_grad_(self, txt, d_img, d_txt, alpha_txt, diag_offset=None) -> torch.Tensor:
+        return self.bwd.siglip_grad_blocks_(self.img, txt, self.scale, self.bias, d_img, d_txt,
+                                            alpha_txt=alpha_txt, diag_offset=diag_offset)
+
+
+# ---------------------------------------------------------------- choosing a backend
+def _why_triton_unavailable(device: torch.device) -> str | None:
+    """The Triton tiles run on CUDA tensors; on CPU tensors only under TRITON_INTERPRET=1 (tests)."""
+    interpret = device.type == "cpu" and triton_interpret()
+    if device.type != "cuda" and not interpret:
+        hint = " (set TRITON_INTERPRET=1 to run it on CPU tensors for testing)" if device.type == "cpu" else ""
+        return f"the triton loss kernels need CUDA tensors, the features are on {device}{hint}"
+    try:
+        kernels = importlib.import_module("fastclip.kernels.contrastive_loss")
+    except ImportError as exc:
+        return f"triton kernels are unavailable ({exc})"
+    if interpret and not kernels.INTERPRETED:
+        return ("TRITON_INTERPRET=1 was set after the Triton kernels were imported (Triton fixes interpreted vs "
+                "compiled at import); set it before importing fastclip.kernels")
+    return None
+
+
+def tiles_for(backend: str, device: torch.device):
+    """TorchTiles or TritonTiles for ``backend`` ("auto", "torch" or "triton") and features on ``device``.
+    "auto" picks Triton for CUDA tensors if it can run; an explicit "triton" that cannot raises."""
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return TorchTiles
+    reason = _why_triton_unavailable(device)
+    if backend == "triton":
+        if reason is not None:
+            raise BackendUnavailableError(f"backend 'triton' was requested but cannot run: {reason}")
+        return TritonTiles
+    return TorchTiles if reason is not None else TritonTiles

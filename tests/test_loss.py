@@ -18,43 +18,10 @@ import torch.nn.functional as F
 from open_clip import loss as oc_loss
 
 from fastclip.loss import ClipLoss, LossInputError, SigLipLoss, clip_loss, siglip_loss
+from loss_reference import rel_err, run  # tests/loss_reference.py
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = 2e-6  # relative error floor for fp32 (sums of thousands of fp32 products)
-
-
-def dense_reference(kind, img, txt, scale, bias):
-    """Dense float64 losses written out from their definitions (independent of open_clip)."""
-    logits = scale * img @ txt.T + (bias if bias is not None else 0.0)
-    n = img.shape[0]
-    if kind == "clip":
-        labels = torch.arange(n)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    signs = 2 * torch.eye(n, dtype=logits.dtype) - 1
-    return -F.logsigmoid(signs * logits).sum() / n
-
-
-def run(kind, impl, img0, txt0, scale0, bias0, dtype=torch.float32, block=None):
-    img = img0.to(dtype).clone().requires_grad_()
-    txt = txt0.to(dtype).clone().requires_grad_()
-    scale = torch.tensor(scale0, dtype=dtype, requires_grad=True)
-    bias = torch.tensor(bias0, dtype=dtype, requires_grad=True)
-    if impl == "fastclip":
-        loss = (ClipLoss(block_size=block)(img, txt, scale) if kind == "clip"
-                else SigLipLoss(block_size=block)(img, txt, scale, bias))
-    elif impl == "open_clip":
-        loss = oc_loss.ClipLoss()(img, txt, scale) if kind == "clip" else oc_loss.SigLipLoss()(img, txt, scale, bias)
-    else:
-        loss = dense_reference(kind, img, txt, scale, bias if kind == "siglip" else None)
-    loss.backward()
-    out = {"loss": loss, "d_image": img.grad, "d_text": txt.grad, "d_logit_scale": scale.grad}
-    if kind == "siglip":
-        out["d_logit_bias"] = bias.grad
-    return {k: v.detach().double() for k, v in out.items()}
-
-
-def rel_err(a, ref):
-    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def features(n, d, normalized, seed):
