@@ -51,7 +51,7 @@ class OptionalBuildExt(build_ext):
             raise exc
         sys.stderr.write(
             f"\nWARNING: fastclip: building the C++ CPU kernels (fastclip._C) failed: {exc}\n"
-            "fastclip is installed without them: the 'cpp' backend is unavailable and CPUs use the reference ops.\n"
+            "fastclip is installed without them: the 'cpu' backend is unavailable and CPUs use the reference ops.\n"
             "Install a C++17 compiler (e.g. `apt-get install g++`) and reinstall; FASTCLIP_REQUIRE_EXT=1 makes "
             "this an error.\n\n")
 

@@ -230,21 +230,23 @@ def attention(B: int, H: int, L: int, Dh: int, causal: bool = False, Lk: int | N
               sfu=B * H * executed)
 
 
-def attention_ref(B: int, H: int, L: int, Dh: int, causal: bool = False) -> list[Op]:
-    """fastclip.ref.attention on strided q/k/v views of the packed qkv, then the block's transpose copy.
+def attention_ref(B: int, H: int, L: int, Dh: int, causal: bool = False, Lk: int | None = None) -> list[Op]:
+    """fastclip.ref.attention on strided q (B, H, L, Dh) / k, v (B, H, Lk, Dh) views of the packed qkv,
+    then the block's transpose copy.
 
-    torch.matmul copies each strided operand to a contiguous (B*H, L, Dh) batch first; the (L, L)
-    scores make six round trips (write, scale, [mask], .float(), softmax, .to(fp16), read by P@V).
+    torch.matmul copies each strided operand to a contiguous batch first; the (L, Lk) scores make six
+    round trips (write, scale, [mask], .float(), softmax, .to(fp16), read by P@V).
     """
-    scores, x = B * H * L * L, B * H * L * Dh
-    ops = [elementwise("q/k/v .contiguous()", 3 * x, 2 * S, launches=3),
-           gemm("q @ k^T", L, L, Dh, batch=B * H),
+    Lk = L if Lk is None else Lk
+    scores, x = B * H * L * Lk, B * H * L * Dh
+    ops = [elementwise("q/k/v .contiguous()", x + 2 * B * H * Lk * Dh, 2 * S, launches=3),
+           gemm("q @ k^T", L, Lk, Dh, batch=B * H),
            elementwise("* scale", scores, 2 * S)]
     if causal:
-        ops += [elementwise("triu mask", L * L, 2, launches=2), elementwise("masked_fill", scores, 2 * S)]
+        ops += [elementwise("triu mask", L * Lk, 2, launches=2), elementwise("masked_fill", scores, 2 * S)]
     ops += [elementwise(".float()", scores, S + 4), Op("softmax fp32", "memory", 5 * scores, 8 * scores,
                                                         alu_flops=5 * scores, sfu=scores),
-            elementwise(".to(fp16)", scores, 4 + S), gemm("p @ v", L, Dh, L, batch=B * H),
+            elementwise(".to(fp16)", scores, 4 + S), gemm("p @ v", L, Dh, Lk, batch=B * H),
             elementwise("transpose copy", x, 2 * S)]
     return ops
 
@@ -291,6 +293,31 @@ def _block(path: str, B: int, L: int, W: int, H: int, Mw: int, act: str, causal:
     return ops
 
 
+def _pooled_block(path: str, B: int, L: int, W: int, H: int, Mw: int, act: str) -> list[Op]:
+    """The trimmed last block (ResidualAttentionBlock.apply_pooled): LayerNorm 1 and keys/values over all
+    B·L tokens; query, attention, output projection, LayerNorm 2 and MLP for one pooled row per
+    sequence (at the last position or the class token: the query sees all L keys)."""
+    M, Dh = B * L, W // H
+    fused = path == "triton"
+    ops = [layer_norm(M, W)] if fused else layer_norm_ref(M, W)  # ln_1
+    ops += [elementwise("pooled-row gather", B * W, 2 * S, launches=2), gemm("q", B, W, W), gemm("kv", M, 2 * W, W)]
+    ops += [attention(B, H, 1, Dh, False, Lk=L)] if fused else attention_ref(B, H, 1, Dh, False, Lk=L)
+    ops.append(gemm("out_proj", B, W, W))
+    ops += [layer_norm(B, W, residual=True)] if fused else layer_norm_ref(B, W, residual=True)
+    ops.append(gemm("c_fc", B, Mw, W))
+    ops += [bias_act(B, Mw, act)] if fused else bias_act_eager(B, Mw, act)
+    ops += [gemm("c_proj", B, W, Mw), elementwise("x + mlp", B * W, 3 * S)]
+    return ops
+
+
+def _layers(path: str, B: int, L: int, W: int, H: int, Mw: int, act: str, causal: bool, layers: int) -> list[Op]:
+    """Every block of a tower that pools one row per sequence: the last one trimmed to that row."""
+    ops = []
+    for _ in range(layers - 1):
+        ops += _block(path, B, L, W, H, Mw, act, causal)
+    return ops + (_pooled_block(path, B, L, W, H, Mw, act) if layers else [])
+
+
 def vision_ops(cfg, embed_dim: int, batch: int, path: str = "triton") -> list[Op]:
     """encode_image(pixels) of fastclip's VisionTransformer (fp16 pixels in, normalize=False)."""
     if cfg.pool_type != "tok":
@@ -304,8 +331,7 @@ def vision_ops(cfg, embed_dim: int, batch: int, path: str = "triton") -> list[Op
     ops.append(elementwise("+ pos embed", B * T * W, 3 * S))
     if cfg.ln_pre:
         ops += [layer_norm(B * T, W)] if path == "triton" else layer_norm_ref(B * T, W)
-    for _ in range(cfg.layers):
-        ops += _block(path, B, T, W, cfg.heads, cfg.mlp_width, cfg.act, False)
+    ops += _layers(path, B, T, W, cfg.heads, cfg.mlp_width, cfg.act, False, cfg.layers)
     E = embed_dim if cfg.proj else W
     if path == "triton":
         ops.append(normalize_project(B, W, E, normalize=False))
@@ -316,12 +342,12 @@ def vision_ops(cfg, embed_dim: int, batch: int, path: str = "triton") -> list[Op
 
 def text_ops(cfg, embed_dim: int, batch: int, path: str = "triton", length: int | None = None) -> list[Op]:
     """encode_text(tokens) of fastclip's TextTransformer; ``length``: tokens run after the exact causal
-    truncation (default: the full context, i.e. an end-of-text token in the last position)."""
+    truncation (default: the full context, i.e. an end-of-text token in the last position of every row,
+    so the trimmed last block's query sees all ``length`` keys)."""
     B, W, L = batch, cfg.width, length or cfg.context_length
     ops = [Op("token checks + pool index", "memory", 0, 8 * B * cfg.context_length * 3, launches=4),
            elementwise("token embedding gather", B * L * W, 2 * S), elementwise("+ pos embed", B * L * W, 3 * S)]
-    for _ in range(cfg.layers):
-        ops += _block(path, B, L, W, cfg.heads, cfg.mlp_width, cfg.act, cfg.causal)
+    ops += _layers(path, B, L, W, cfg.heads, cfg.mlp_width, cfg.act, cfg.causal, cfg.layers)
     if path == "triton":
         ops.append(normalize_project(B, W, embed_dim, normalize=False, proj_bias=cfg.proj_bias))
     else:

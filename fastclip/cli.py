@@ -156,8 +156,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--backend", default=None, choices=["auto", "ref", "cpp", "triton"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--backend", default=None, choices=["auto", "ref", "cpu", "cpp", "triton"],
                    help="op backend (default: $FASTCLIP_BACKEND, else auto)")
     p.add_argument("--max-batch", type=int, default=32, help="most items per encoder call (default 32)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file: .npy (plus .paths.txt) or .parquet (path + embedding)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--backend", default=None, choices=["auto", "ref", "cpp", "triton"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--backend", default=None, choices=["auto", "ref", "cpu", "cpp", "triton"],
                    help="op backend (default: $FASTCLIP_BACKEND, else auto)")
     p.add_argument("--on-error", default="skip", choices=["skip", "raise"],
                    help="skip unreadable images (reported on stderr) or stop at the first one")

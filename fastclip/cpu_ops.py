@@ -1,4 +1,4 @@
-"""The ``cpp`` backend: host-side checks, then the fp32 AVX2/FMA kernels of ``fastclip._C`` (csrc/).
+"""The ``cpu`` backend (alias ``cpp``): host-side checks, then the fp32 AVX2/FMA kernels of ``fastclip._C`` (csrc/).
 
 Every op has the signature of its reference in fastclip/ref.py. A call runs the C++ kernel when all
 tensors are float32, strided, on the CPU, no gradient is being recorded for them (the kernels have no

@@ -1,9 +1,11 @@
 """The op table: the only way model code reaches a compute op, and backend resolution.
 
-A backend is resolved once, when a model is created:
-explicit argument > ``FASTCLIP_BACKEND`` environment variable > device default
-(CUDA -> ``triton``; CPU -> ``cpp`` if ``fastclip._C`` loads, else ``ref``).
-An explicitly requested backend that cannot run raises BackendUnavailableError; only ``auto`` falls back.
+Backends: ``ref`` (fastclip/ref.py, any device), ``cpu`` (the C++ kernels of ``fastclip._C``, CPU
+tensors; ``cpp`` is accepted as an alias) and ``triton`` (CUDA). A backend is resolved once, when a
+model is created: explicit argument > ``FASTCLIP_BACKEND`` environment variable > device default
+(CUDA -> ``triton``; CPU -> ``cpu`` if ``fastclip._C`` loads, else ``ref``).
+An explicitly requested backend that cannot run raises BackendUnavailableError naming the reason; only
+``auto`` falls back. On a CPU without the C++ extension that fallback warns once per process.
 For tests, the triton backend also runs on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
 interpreter); ``auto`` never picks it on a CPU.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,7 +22,10 @@ import torch
 from . import ref
 from .errors import BackendUnavailableError
 
-BACKENDS = ("ref", "cpp", "triton")
+BACKENDS = ("ref", "cpu", "triton")
+ALIASES = {"cpp": "cpu"}  # older name of the C++ CPU backend
+_EXPECTED = "'auto', 'ref', 'cpu' (alias 'cpp'), 'triton'"
+_fallback_warned = False  # the auto -> ref fallback on a CPU warns once per process
 OP_NAMES = ("linear", "bias_act", "layer_norm", "attention", "normalize_project", "l2_normalize")
 
 
@@ -52,18 +58,19 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
     """None if ``backend`` can run on ``device``, else the reason it cannot."""
     if backend == "ref":
         return None
-    if backend == "cpp":
+    if backend == "cpu":
         if device.type != "cpu":
-            return f"the cpp backend runs on CPU tensors, not on {device}"
+            return f"the cpu backend runs on CPU tensors, not on {device}"
         try:
             importlib.import_module("fastclip._C")
             importlib.import_module("fastclip.cpu_ops")
         except ImportError as exc:
-            return f"the C++ extension fastclip._C is not built ({exc}); reinstall with `pip install -e .`"
+            return (f"the C++ extension fastclip._C is not available ({exc}); build it with `pip install -e .` "
+                    "(needs a C++17 compiler such as g++)")
         return None
     if backend == "triton":
         return _why_triton_unavailable(device)
-    return f"unknown backend {backend!r}; expected one of {('auto',) + BACKENDS}"
+    return f"unknown backend {backend!r}; expected one of {_EXPECTED}"
 
 
 def triton_interpret() -> bool:
@@ -74,7 +81,7 @@ def triton_interpret() -> bool:
 def _why_triton_unavailable(device: torch.device) -> str | None:
     """The triton backend runs on CUDA devices; on CPU tensors only under TRITON_INTERPRET=1 (tests).
 
-    ``auto`` never picks it on a CPU (the CPU candidates are cpp and ref), interpreter or not.
+    ``auto`` never picks it on a CPU (the CPU candidates are cpu and ref), interpreter or not.
     """
     interpret = device.type == "cpu" and triton_interpret()
     if device.type != "cuda" and not interpret:
@@ -92,28 +99,36 @@ def _why_triton_unavailable(device: torch.device) -> str | None:
 
 
 def resolve_backend(backend: str | None, device: torch.device | str) -> str:
-    """Pick the backend name for a model on ``device`` (see module docstring)."""
+    """Pick the backend name ("ref", "cpu" or "triton") for a model on ``device`` (see module docstring)."""
+    global _fallback_warned
     device = torch.device(device)
     requested = backend if backend not in (None, "") else os.environ.get("FASTCLIP_BACKEND", "auto")
     requested = requested.lower()
     if requested != "auto":
-        reason = _why_unavailable(requested, device)
+        name = ALIASES.get(requested, requested)
+        reason = _why_unavailable(name, device)
         if reason is not None:
             raise BackendUnavailableError(f"backend {requested!r} was requested but cannot run: {reason}")
-        return requested
-    candidates = ("triton", "ref") if device.type == "cuda" else ("cpp", "ref")
-    for name in candidates:
-        if _why_unavailable(name, device) is None:
-            return name
+        return name
+    if device.type == "cuda":
+        return "triton" if _why_unavailable("triton", device) is None else "ref"
+    reason = _why_unavailable("cpu", device)
+    if reason is None:
+        return "cpu"
+    if device.type == "cpu" and not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(f"fastclip is using its slow reference ops on this CPU: {reason}. Pass backend='ref' "
+                      "to choose them explicitly.", stacklevel=2)
     return "ref"
 
 
 def get_ops(backend: str) -> OpTable:
-    """The op table of a resolved backend name."""
+    """The op table of a resolved backend name ("cpp" is accepted for "cpu")."""
+    backend = ALIASES.get(backend, backend)
     if backend == "ref":
         return _ref_table()
-    if backend == "cpp":
-        return _module_table("cpp", "fastclip.cpu_ops")
+    if backend == "cpu":
+        return _module_table("cpu", "fastclip.cpu_ops")
     if backend == "triton":
         return _module_table("triton", "fastclip.kernels.ops")
-    raise BackendUnavailableError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    raise BackendUnavailableError(f"unknown backend {backend!r}; expected one of {_EXPECTED}")

@@ -25,6 +25,9 @@ the two orders agree exactly.
 
 Every pipeline ends in a uint8 (H, W, 3) array, so normalisation is a per-channel 256-entry lookup
 table computed once with the reference's own float32 operations (exact by construction).
+``Preprocess.raw`` / ``batch(..., raw=True)`` stop before it and return uint8 (3, H, W) levels; a vision
+tower given ``pixel_norm`` (= ``Preprocess.pixel_norm``) folds the normalisation into its patch
+embedding instead (fastclip.transformer.fold_pixel_norm), which is what ``embed_images`` does.
 """
 
 from __future__ import annotations
@@ -251,33 +254,63 @@ class Preprocess:
         return self._crop_or_pad(self._resize_to(img, hw, resample), th, tw)
 
     # -- public ----------------------------------------------------------------------------------
-    def normalise(self, a: np.ndarray) -> torch.Tensor:
-        """uint8 (H, W, 3) -> float32 tensor (3, H, W) through the normalisation lookup table."""
-        out = self._lut[np.arange(3)[:, None, None], a.transpose(2, 0, 1)]
+    @property
+    def pixel_norm(self) -> tuple[float, tuple[float, float, float], tuple[float, float, float]]:
+        """(scale, mean, std) with normalised = (scale * level - mean) / std, per channel: what
+        ``normalise`` computes (up to float rounding) from uint8 levels."""
+        cfg = self.cfg
+        return (1 / 255 if cfg.numerics == "open_clip" else cfg.rescale_factor), cfg.mean, cfg.std
+
+    def normalise(self, a: np.ndarray, out: np.ndarray | None = None) -> torch.Tensor:
+        """uint8 (H, W, 3) -> float32 tensor (3, H, W) through the normalisation lookup table.
+
+        ``out``: optional float32 (3, H, W) array to write into (then returned as a tensor view of it).
+        """
+        if out is None:
+            out = np.empty((3,) + a.shape[:2], dtype=np.float32)
+        for c in range(3):
+            np.take(self._lut[c], a[:, :, c], out=out[c], mode="clip")  # levels are < 256: clip is a no-op
         return torch.from_numpy(out)
+
+    def _rgb(self, image: Any) -> Image.Image:
+        if isinstance(image, Image.Image) and image.mode == "RGB" and image.getexif().get(0x0112, 1) in (1, None):
+            return image
+        return load_image(image)
 
     def __call__(self, image: Any) -> torch.Tensor:
         """One image (an RGB PIL image, or any item ``load_image`` accepts) -> (3, H, W) float32."""
-        if not (isinstance(image, Image.Image) and image.mode == "RGB"
-                and image.getexif().get(0x0112, 1) in (1, None)):
-            image = load_image(image)
-        return self.normalise(self.resize_crop(image))
+        return self.normalise(self.resize_crop(self._rgb(image)))
+
+    def raw(self, image: Any) -> torch.Tensor:
+        """One image -> uint8 (3, H, W) resized/cropped levels, before normalising (see ``pixel_norm``)."""
+        return torch.from_numpy(np.ascontiguousarray(self.resize_crop(self._rgb(image)).transpose(2, 0, 1)))
 
     def batch(self, items: Sequence[Any], *, on_error: str = "raise", progress: bool = False,
-              index_offset: int = 0) -> tuple[torch.Tensor, list[int], list[ImageLoadError]]:
+              index_offset: int = 0, raw: bool = False) -> tuple[torch.Tensor, list[int], list[ImageLoadError]]:
         """Decode + preprocess many items in parallel threads.
 
         Returns ``(pixels, kept, errors)``: ``pixels`` is float32 (B_ok, 3, H, W) for the items that
-        loaded, ``kept`` their indices in ``items`` (increasing), ``errors`` the ``ImageLoadError`` of
-        the others (only with ``on_error="skip"``; ``"raise"`` raises the lowest-index error).
+        loaded (with ``raw=True``: their uint8 levels before normalising, see ``pixel_norm``), ``kept``
+        their indices in ``items`` (increasing), ``errors`` the ``ImageLoadError`` of the others (only
+        with ``on_error="skip"``; ``"raise"`` raises the lowest-index error).
         Errors name each item's position as ``index_offset + i`` (its place in the caller's list).
+        Each worker writes its image straight into the batch buffer.
         """
+        th, tw = self.cfg.size_hw
+        buf = np.empty((len(items), 3, th, tw), dtype=np.uint8 if raw else np.float32)  # (B, 3, H, W)
+
         def one(item, i):
-            return self.normalise(self.resize_crop(load_image(item, index=index_offset + i)))
+            a = self.resize_crop(load_image(item, index=index_offset + i))  # (H, W, 3) uint8
+            if raw:
+                np.copyto(buf[i], a.transpose(2, 0, 1))
+            else:
+                self.normalise(a, out=buf[i])
+            return True
 
         results, errors = map_items(one, items, threads=self.threads, on_error=on_error, progress=progress,
                                     desc="preprocess")
         kept = [i for i, r in enumerate(results) if r is not None]
-        th, tw = self.cfg.size_hw
-        pixels = torch.stack([results[i] for i in kept]) if kept else torch.empty((0, 3, th, tw))
+        pixels = torch.from_numpy(buf)
+        if len(kept) < len(items):
+            pixels = pixels[kept]  # (B_ok, 3, H, W)
         return pixels, kept, errors

@@ -2,10 +2,23 @@
 
 Parameter names follow OpenAI CLIP / OpenCLIP, so their state dicts load without renaming
 (fastclip/keymaps.py maps the Hugging Face layouts onto these names).
+
+Two exact shortcuts (both can be switched off per tower with ``tower.trim_last_block = False`` and by
+passing normalised pixels, for tests and benchmarks):
+
+* Last-block trimming. When a tower pools one row per sequence (the class token of a ViT, the
+  end-of-text / last token of a text tower), the final block needs LayerNorm and keys/values of every
+  token but the query, output projection and MLP of the pooled row only.
+* Folded pixel normalisation. ``VisionTransformer.apply_op(..., pixel_norm=(scale, mean, std))`` takes
+  raw uint8 levels x and applies the patch embedding with weights folded so that
+  conv(w', x) + b' = conv(w, (scale * x - mean) / std) (see ``fold_pixel_norm``).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig, VisionConfig
@@ -52,6 +65,32 @@ class MultiheadAttention(nn.Module):
         out = ops.attention(q, kv[0], kv[1], causal=False).transpose(1, 2).reshape(B, Q, W)
         return ops.linear(out, self.out_proj.weight, self.out_proj.bias)
 
+    def pooled_attention(self, x: torch.Tensor, index: torch.Tensor, ops: OpTable, causal: bool) -> torch.Tensor:
+        """Self-attention output at one row per sequence.  x: (B, L, W), index: (B,) -> (B, W).
+
+        Equals ``self_attention(x, ops, causal)[arange(B), index]``: the query of row ``index[b]`` only,
+        over the keys/values of every token (``causal``: of tokens 0..index[b], the keys that row sees
+        under the causal mask). Rows are grouped by index, so the ops need no mask argument.
+        """
+        B, L, W = x.shape
+        H, Dh = self.heads, W // self.heads
+        wq, wkv = self.in_proj_weight.split([W, 2 * W])
+        bq, bkv = self.in_proj_bias.split([W, 2 * W])
+        rows = torch.arange(B, device=x.device)
+        q = ops.linear(x[rows, index], wq, bq).view(B, 1, H, Dh).transpose(1, 2)  # (B, H, 1, Dh)
+        kv = ops.linear(x, wkv, bkv).view(B, L, 2, H, Dh).permute(2, 0, 3, 1, 4)  # (2, B, H, L, Dh)
+        k, v = kv[0], kv[1]
+        lengths = index.tolist() if causal else []
+        if not lengths or min(lengths) == L - 1:  # every query sees every key
+            out = ops.attention(q, k, v, causal=False)  # (B, H, 1, Dh)
+        else:
+            out = q.new_empty(B, H, 1, Dh)
+            for p in sorted(set(lengths)):  # rows whose query sits at position p see keys 0..p
+                sel = (index == p).nonzero().squeeze(1)  # (n,)
+                out[sel] = ops.attention(q[sel], k[sel, :, : p + 1], v[sel, :, : p + 1], causal=False)
+        out = out.transpose(1, 2).reshape(B, W)
+        return ops.linear(out, self.out_proj.weight, self.out_proj.bias)
+
 
 class Mlp(nn.Module):
     """c_fc (W -> M) -> activation -> c_proj (M -> W)."""
@@ -83,6 +122,17 @@ class ResidualAttentionBlock(nn.Module):
         y, x = ops.layer_norm(h, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, residual=x)  # x += h; y = ln_2(x)
         return x + self.mlp.apply_op(y, ops)
 
+    def apply_pooled(self, x: torch.Tensor, ops: OpTable, causal: bool, index: torch.Tensor) -> torch.Tensor:
+        """The block's output at row ``index[b]`` of each sequence only.  x: (B, L, W), index: (B,) -> (B, W).
+
+        LayerNorm 1 and keys/values run over all tokens; query, output projection, residual, LayerNorm 2
+        and MLP over the B pooled rows.
+        """
+        h = self.attn.pooled_attention(self.ln_1.apply_op(x, ops), index, ops, causal)  # (B, W)
+        pooled = x[torch.arange(x.shape[0], device=x.device), index]  # (B, W)
+        y, pooled = ops.layer_norm(h, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, residual=pooled)
+        return pooled + self.mlp.apply_op(y, ops)
+
 
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_width: int, act: str, eps: float):
@@ -91,10 +141,18 @@ class Transformer(nn.Module):
             [ResidualAttentionBlock(width, heads, mlp_width, act, eps) for _ in range(layers)]
         )
 
-    def apply_op(self, x: torch.Tensor, ops: OpTable, causal: bool) -> torch.Tensor:
-        for block in self.resblocks:
+    def apply_op(self, x: torch.Tensor, ops: OpTable, causal: bool, index: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, W) -> (B, L, W); with ``index`` (B,) -> (B, W), the final states of rows ``index[b]``
+        only (the last block is trimmed to them: see ResidualAttentionBlock.apply_pooled)."""
+        blocks = list(self.resblocks)
+        last = blocks.pop() if index is not None and blocks else None
+        for block in blocks:
             x = block.apply_op(x, ops, causal)
-        return x
+        if index is None:
+            return x
+        if last is None:  # no blocks at all
+            return x[torch.arange(x.shape[0], device=x.device), index]
+        return last.apply_pooled(x, ops, causal, index)
 
 
 class AttentionPool(nn.Module):
@@ -115,12 +173,34 @@ class AttentionPool(nn.Module):
         return h[:, 0]
 
 
+PixelNorm = tuple  # (scale, mean (3,), std (3,)): normalised = (scale * level - mean) / std per channel
+
+
+def fold_pixel_norm(weight: torch.Tensor, bias: torch.Tensor | None, pixel_norm: PixelNorm):
+    """Fold a per-channel pixel normalisation into a patch-embedding convolution.
+
+    weight: (W, 3, P, P), bias: (W,) or None; pixel_norm = (scale, mean, std) with
+    normalised = (scale * level - mean) / std per input channel. Returns (w', b') in float32 with
+    conv(w', level) + b' == conv(w, normalised) + bias:
+    w' = w * scale / std[c] and b' = bias - sum over (c, i, j) of w * mean[c] / std[c].
+    """
+    scale, mean, std = pixel_norm
+    w = weight.float()
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=w.device)  # (3,)
+    std = torch.as_tensor(std, dtype=torch.float32, device=w.device)  # (3,)
+    folded_bias = -(w.sum(dim=(2, 3)) @ (mean / std))  # (W, 3) @ (3,) -> (W,)
+    if bias is not None:
+        folded_bias = folded_bias + bias.float()
+    return w * (float(scale) / std).view(1, 3, 1, 1), folded_bias
+
+
 class VisionTransformer(nn.Module):
     """ViT image tower.  Pixels (B, 3, S, S) -> embeddings (B, embed_dim)."""
 
     def __init__(self, cfg: VisionConfig, embed_dim: int):
         super().__init__()
         self.cfg = cfg
+        self.trim_last_block = True  # exact; False runs the last block on every token (tests, benchmarks)
         w = cfg.width
         self.conv1 = nn.Conv2d(3, w, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         if cfg.class_token:
@@ -134,9 +214,30 @@ class VisionTransformer(nn.Module):
             self.attn_pool = AttentionPool(w, cfg.heads, cfg.mlp_width, cfg.act, cfg.norm_eps)
         self.proj = nn.Parameter(torch.empty(w, embed_dim)) if cfg.proj else None
 
-    def tokens(self, pixels: torch.Tensor, ops: OpTable) -> torch.Tensor:
-        """pixels: (B, 3, S, S) -> final tokens before pooling (B, T, W)."""
-        x = self.conv1(pixels.to(self.conv1.weight.dtype))  # (B, W, grid, grid)
+    def patch_embed(self, pixels: torch.Tensor, pixel_norm: PixelNorm | None = None) -> torch.Tensor:
+        """pixels: (B, 3, S, S) -> (B, W, grid, grid).
+
+        Normalised float pixels go through conv1 as they are; with ``pixel_norm`` the pixels are raw
+        levels (uint8) and conv1 runs with the normalisation folded into its weights (fold_pixel_norm).
+        """
+        dtype = self.conv1.weight.dtype
+        if pixel_norm is None:
+            return self.conv1(pixels.to(dtype))
+        if pixels.dtype != torch.uint8:
+            raise ValueError(f"pixel_norm expects raw uint8 pixels, got {pixels.dtype}")
+        weight, bias = self._folded_conv(pixel_norm)
+        return F.conv2d(pixels.to(dtype), weight, bias, stride=self.conv1.stride)
+
+    def _folded_conv(self, pixel_norm: PixelNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv1's (weight, bias) with ``pixel_norm`` folded in, in conv1's dtype.  Folding costs about
+        W·3·P² multiply-adds (a fraction of a millisecond), so it is done on every call: always current."""
+        weight, bias = fold_pixel_norm(self.conv1.weight, self.conv1.bias, pixel_norm)
+        return weight.to(self.conv1.weight.dtype), bias.to(self.conv1.weight.dtype)
+
+    def tokens(self, pixels: torch.Tensor, ops: OpTable, pixel_norm: PixelNorm | None = None) -> torch.Tensor:
+        """pixels: (B, 3, S, S) -> final tokens before pooling (B, T, W), or (B, W) for class-token
+        pooling with ``trim_last_block`` (the final state of token 0 only)."""
+        x = self.patch_embed(pixels, pixel_norm)  # (B, W, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, W)
         if self.cfg.class_token:
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -144,21 +245,27 @@ class VisionTransformer(nn.Module):
         x = x + self.positional_embedding.to(x.dtype)
         if self.cfg.ln_pre:
             x = self.ln_pre.apply_op(x, ops)
-        return self.transformer.apply_op(x, ops, causal=False)
+        index = None
+        if self.cfg.pool_type == "tok" and self.trim_last_block:
+            index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # (B,) row 0 is pooled
+        return self.transformer.apply_op(x, ops, causal=False, index=index)
 
-    def apply_op(self, pixels: torch.Tensor, ops: OpTable, normalize: bool = False) -> torch.Tensor:
+    def apply_op(self, pixels: torch.Tensor, ops: OpTable, normalize: bool = False,
+                 pixel_norm: PixelNorm | None = None) -> torch.Tensor:
+        """pixels: (B, 3, S, S) normalised floats, or raw uint8 levels with ``pixel_norm`` -> (B, embed_dim)."""
         cfg = self.cfg
         expected = (3, cfg.image_size, cfg.image_size)
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
             raise ValueError(f"expected pixels of shape (B, {', '.join(map(str, expected))}), got {tuple(pixels.shape)}")
-        x = self.tokens(pixels, ops)  # (B, T, W)
+        x = self.tokens(pixels, ops, pixel_norm)  # (B, T, W), or (B, W) when trimmed
         ln = self.ln_post
         if cfg.pool_type == "map":
             pooled = self.attn_pool.apply_op(ln.apply_op(x, ops), ops)  # (B, W)
             return _project(pooled, self.proj, None, ops, normalize)
         if cfg.pool_type == "tok":
             # LayerNorm is per token, so normalising the class token alone is exact.
-            return ops.normalize_project(x[:, 0], ln.weight, ln.bias, ln.eps, self.proj, None, normalize)
+            pooled = x if x.ndim == 2 else x[:, 0]  # (B, W)
+            return ops.normalize_project(pooled, ln.weight, ln.bias, ln.eps, self.proj, None, normalize)
         patches = x[:, int(cfg.class_token):]  # (B, grid*grid, W)
         if cfg.final_ln_after_pool:
             return ops.normalize_project(patches.mean(dim=1), ln.weight, ln.bias, ln.eps, self.proj, None, normalize)
@@ -179,6 +286,7 @@ class TextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig, embed_dim: int):
         super().__init__()
         self.cfg = cfg
+        self.trim_last_block = True  # exact; False runs the last block on every token (tests, benchmarks)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_width, cfg.act, cfg.norm_eps)
@@ -213,8 +321,12 @@ class TextTransformer(nn.Module):
         L = tokens.shape[1]
         dtype = self.positional_embedding.dtype
         x = self.token_embedding(tokens).to(dtype) + self.positional_embedding[:L]  # (B, L, W)
-        x = self.transformer.apply_op(x, ops, causal=cfg.causal)
         ln = self.ln_final  # applied to the pooled rows only (it is per token, so this is exact)
+        if self.trim_last_block:
+            x = self.transformer.apply_op(x, ops, causal=cfg.causal, index=index)  # (B, W) pooled rows
+            return ops.normalize_project(x, ln.weight, ln.bias, ln.eps, self.text_projection,
+                                         self.text_projection_bias, normalize)
+        x = self.transformer.apply_op(x, ops, causal=cfg.causal)  # (B, L, W)
         return ops.normalize_project(
             x, ln.weight, ln.bias, ln.eps, self.text_projection, self.text_projection_bias, normalize, index=index
         )

@@ -105,7 +105,7 @@ def _interpreter_rows(precisions) -> list[dict]:
 def available_backends() -> list[tuple[str, str]]:
     """(backend, device) pairs that can run here, besides the reference itself."""
     pairs = []
-    for backend, device in (("cpp", "cpu"), ("triton", "cuda")):
+    for backend, device in (("cpu", "cpu"), ("triton", "cuda")):
         if device == "cuda" and not torch.cuda.is_available():
             continue
         try:

@@ -186,13 +186,20 @@ TINY_CONFIGS = {
 }
 
 
+def register_configs(tmp_path_factory, label: str, configs: dict) -> Path:
+    """Write OpenCLIP-style JSON ``configs`` ({name: config}) to a fresh folder and register them with
+    fastclip; returns the folder."""
+    folder = tmp_path_factory.mktemp(label)
+    for name, raw in configs.items():
+        (folder / f"{name}.json").write_text(json.dumps(raw))
+    assert sorted(fastclip.add_model_config(folder)) == sorted(configs)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_config_dir(tmp_path_factory) -> Path:
     """The tiny configs as JSON files, registered with both fastclip and open_clip."""
-    folder = tmp_path_factory.mktemp("tiny_configs")
-    for name, raw in TINY_CONFIGS.items():
-        (folder / f"{name}.json").write_text(json.dumps(raw))
-    assert sorted(fastclip.add_model_config(folder)) == sorted(TINY_CONFIGS)
+    folder = register_configs(tmp_path_factory, "tiny_configs", TINY_CONFIGS)
     open_clip.add_model_config(folder)
     return folder
 

@@ -56,21 +56,23 @@ def test_triton_on_cpu_is_refused(no_cpp, tiny_name):
     assert model.backend == "ref"  # a refused switch leaves the model as it was
 
 
-def test_cpp_without_extension_is_refused(no_cpp, tiny_name):
+def test_cpu_without_extension_is_refused(no_cpp, tiny_name):
     with pytest.raises(BackendUnavailableError, match=r"fastclip\._C") as info:
-        resolve_backend("cpp", "cpu")
+        resolve_backend("cpu", "cpu")
     assert "pip install" in str(info.value)
     with pytest.raises(BackendUnavailableError, match="cpp"):
         fastclip.create_model(tiny_name, backend="cpp")
 
 
 def test_unknown_backend_lists_the_valid_ones():
-    with pytest.raises(BackendUnavailableError, match="auto.*ref.*cpp.*triton"):
+    with pytest.raises(BackendUnavailableError, match="auto.*ref.*cpu.*cpp.*triton"):
         resolve_backend("tensorrt", "cpu")
 
 
-def test_auto_falls_back_to_ref(no_cpp, tiny_name):
-    assert resolve_backend("auto", "cpu") == "ref"
+def test_auto_falls_back_to_ref(no_cpp, tiny_name, monkeypatch):
+    monkeypatch.setattr("fastclip.ops._fallback_warned", False)
+    with pytest.warns(UserWarning, match="reference ops"):
+        assert resolve_backend("auto", "cpu") == "ref"
     assert resolve_backend(None, "cpu") == "ref"
     model = fastclip.create_model(tiny_name)
     assert model.backend == "ref" and "backend='ref'" in repr(model)

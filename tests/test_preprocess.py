@@ -209,3 +209,24 @@ def test_batch_empty_and_all_bad():
     assert pixels.shape == (0, 3, 200, 240) and kept == [] and errors == []
     pixels, kept, errors = p.batch([b"x", 5], on_error="skip")
     assert pixels.shape == (0, 3, 200, 240) and kept == [] and [e.index for e in errors] == [0, 1]
+
+
+# -- raw levels (folded normalisation) ----------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [PreprocessConfig(224, OPENAI_MEAN, OPENAI_STD), PreprocessConfig.from_hf(HF_CLIP),
+                                 PreprocessConfig.from_hf(HF_SIGLIP, backend="pil")], ids=["open_clip", "hf", "hf_pil"])
+def test_raw_levels_and_pixel_norm(cfg, images):
+    """raw() + normalise() == __call__ exactly; batch(raw=True) stacks raw(); pixel_norm's formula
+    reproduces the normalisation table to float32 rounding."""
+    p = Preprocess(cfg, threads=2)
+    items = [images[n] for n in ("astronaut", "rocket", "noise3x1000", "photo50x223")]
+    raw, kept, errors = p.batch(items, raw=True)
+    assert raw.dtype == torch.uint8 and raw.shape == (4, 3, 224, 224) and kept == [0, 1, 2, 3] and not errors
+    floats, _, _ = p.batch(items)
+    for row, img in enumerate(items):
+        assert torch.equal(raw[row], p.raw(img))
+        assert torch.equal(p.normalise(raw[row].permute(1, 2, 0).numpy()), p(img))
+        assert torch.equal(floats[row], p(img))
+    scale, mean, std = p.pixel_norm
+    levels = torch.arange(256, dtype=torch.float64)
+    formula = torch.stack([(scale * levels - m) / s for m, s in zip(mean, std)])  # (3, 256)
+    torch.testing.assert_close(torch.from_numpy(p._lut).double(), formula, rtol=0, atol=1e-6)

@@ -20,10 +20,10 @@ def test_verify_detects_a_wrong_backend(monkeypatch):
         out = ref.layer_norm(x, weight, bias, eps * 1e4, residual=residual)  # a plausible-looking bug
         return out
 
-    broken = dataclasses.replace(ops.get_ops("ref"), backend="cpp", layer_norm=bad_layer_norm)
+    broken = dataclasses.replace(ops.get_ops("ref"), backend="cpu", layer_norm=bad_layer_norm)
     monkeypatch.setattr("fastclip.model.resolve_backend", lambda backend, device: backend or "ref")
-    monkeypatch.setattr("fastclip.model.get_ops", lambda backend: broken if backend == "cpp" else ops.get_ops("ref"))
-    rows = verify.check("cpp", "cpu", "fp32")
+    monkeypatch.setattr("fastclip.model.get_ops", lambda backend: broken if backend == "cpu" else ops.get_ops("ref"))
+    rows = verify.check("cpu", "cpu", "fp32")
     assert rows and not any(r["ok"] for r in rows)
     assert all(max(r["image_err"], r["text_err"]) > 1e-4 for r in rows)
 

@@ -10,7 +10,6 @@ setup.py does not build it and the module is skipped.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -23,6 +22,7 @@ if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", 
     pytest.skip("fastclip._C is built on Linux x86-64 only", allow_module_level=True)
 
 import fastclip  # noqa: E402
+from fastclip_model_tests import register_configs  # noqa: E402  (tests/conftest.py)
 from fastclip import _C, cpu_ops, ref  # noqa: E402  (an ImportError here: rebuild with `pip install -e .`)
 from fastclip.ops import get_ops, resolve_backend  # noqa: E402
 
@@ -218,8 +218,8 @@ def test_fallbacks_to_reference():
 
 
 def test_backend_resolution_and_thread_pool():
-    assert resolve_backend("auto", "cpu") == "cpp"
-    table = get_ops("cpp")
+    assert resolve_backend("auto", "cpu") == "cpu"
+    table = get_ops("cpu")
     for name, fn in cpu_ops.op_table().items():
         assert getattr(table, name) is fn
     # the kernels use torch's OpenMP runtime (other wheels, e.g. sentencepiece, may load their own copy)
@@ -269,10 +269,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def tiny_configs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cpu_ops_configs")
-    for name, raw in TINY.items():
-        (folder / f"{name}.json").write_text(json.dumps(raw))
-    fastclip.add_model_config(folder)
+    register_configs(tmp_path_factory, "cpu_ops_configs", TINY)
     return sorted(TINY)
 
 
@@ -289,21 +286,21 @@ def clip_tokens(B: int, L: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 def encode_both(model, images, tokens, normalized: bool = True):
-    """(cpp outputs, ref outputs): encode_image / encode_text, raw and (if ``normalized``) L2-normalised."""
+    """(cpu-backend outputs, ref outputs): encode_image / encode_text, raw and (if ``normalized``) L2-normalised."""
     out = {}
-    for backend in ("ref", "cpp"):
+    for backend in ("ref", "cpu"):
         model.set_backend(backend)
         assert model.backend == backend
         out[backend] = [model.encode_image(images), model.encode_text(tokens)]
         if normalized:
             out[backend] += [model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)]
-    return out["cpp"], out["ref"]
+    return out["cpu"], out["ref"]
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_tiny_model_cpp_matches_ref(tiny_configs, name):
-    model = fastclip.create_model(name, backend="cpp", seed=0)
-    assert model.backend == "cpp" and "backend='cpp'" in repr(model)
+    model = fastclip.create_model(name, backend="cpu", seed=0)
+    assert model.backend == "cpu" and "backend='cpu'" in repr(model)
     cfg = model.cfg
     images = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen(1))
     tokens = clip_tokens(3, cfg.text.context_length, cfg.text.vocab_size, seed=2)
@@ -313,7 +310,7 @@ def test_tiny_model_cpp_matches_ref(tiny_configs, name):
 
 def test_vit_b32_cpp_matches_ref():
     """Full-size ViT-B-32, random weights, batch 2: encode_image / encode_text agree to 1e-4."""
-    model = fastclip.create_model("ViT-B-32", backend="cpp", seed=0)
+    model = fastclip.create_model("ViT-B-32", backend="cpu", seed=0)
     images = torch.randn(2, 3, 224, 224, generator=gen(3))
     tokens = clip_tokens(2, 77, 49408, seed=4)
     for got, want in zip(*encode_both(model, images, tokens, normalized=False)):

@@ -6,7 +6,6 @@ Every fused op runs: layer_norm (ln_pre, ln_1/ln_2, ln_post), bias_act (GELU, Qu
 attention (causal text, full vision, the SigLIP attention-pool probe) and normalize_project (class
 token, end-of-text rows, projection bias, L2 normalisation).
 """
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 import fastclip
+from fastclip_model_tests import register_configs  # tests/conftest.py
 from fastclip.errors import BackendUnavailableError
 from fastclip.ops import resolve_backend
 
@@ -45,10 +45,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("triton_model_configs")
-    for name, raw in CONFIGS.items():
-        (folder / f"{name}.json").write_text(json.dumps(raw))
-    fastclip.add_model_config(folder)
+    register_configs(tmp_path_factory, "triton_model_configs", CONFIGS)
     return list(CONFIGS)
 
 
