@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from . import hub, keymaps
+from . import hub, keymaps, quant
 from .checkpoints import read_state_dict
 from .config import ModelConfig, PreprocessSpec, get_model_config, list_models, parse_config
 from .errors import CheckpointError, UnknownModelError
 from .model import CLIP
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# "int8": fp32 master weights, linear layers packed as int8 after loading (fastclip/quant.py)
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -22,6 +23,20 @@ def _dtype(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     return PRECISIONS[precision]
+
+
+def _check_precision(precision: str, device, backend: str | None) -> None:
+    """Raise ValueError before any work if ``precision`` cannot run on ``device`` with ``backend``."""
+    _dtype(precision)
+    if precision == "int8":
+        quant.check_int8(device, backend)
+
+
+def _finish(model: CLIP, precision: str, backend: str | None) -> CLIP:
+    """Resolve the backend; for int8, pack the linear layers (fp32 weights loaded) and keep them packed."""
+    if precision == "int8":
+        model.int8_weights = quant.quantize_model(model)
+    return model.set_backend(backend)
 
 
 def _attach_io(model: CLIP, tokenizer_dir: Path | None, preprocess_cfg=None) -> CLIP:
@@ -67,6 +82,7 @@ def _check_keys(model: CLIP, sd: dict, source: str) -> None:
 def _build(cfg: ModelConfig, sd: dict, source: str, device, precision: str, backend: str) -> CLIP:
     """Instantiate on the meta device and assign the checkpoint's tensors (no random init, no copies
     beyond the final dtype/device cast)."""
+    _check_precision(precision, device, backend)
     dtype = _dtype(precision)
     for key, shape in (("log_logit_scale", ()), ("logit_bias", (1,))):
         if key in sd and sd[key].numel() == 1:
@@ -76,15 +92,19 @@ def _build(cfg: ModelConfig, sd: dict, source: str, device, precision: str, back
     _check_keys(model, sd, source)
     model.load_state_dict(sd, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval()
-    return model.set_backend(backend)
+    return _finish(model, precision, backend)
 
 
 def create_model(name: str, device="cpu", precision: str = "fp32", backend: str | None = None,
                  seed: int | None = 0) -> CLIP:
-    """A model of a registered architecture with random weights (OpenCLIP's init scheme)."""
+    """A model of a registered architecture with random weights (OpenCLIP's init scheme).
+
+    ``precision``: "fp32", "fp16", "bf16", or "int8" (CPU only: int8 linear layers, see fastclip/quant.py).
+    """
+    _check_precision(precision, device, backend)
     cfg = get_model_config(name)
     model = CLIP(cfg, backend="ref").init_random(seed).to(device=device, dtype=_dtype(precision)).eval()
-    return _attach_io(model.set_backend(backend), None)
+    return _attach_io(_finish(model, precision, backend), None)
 
 
 def _with_quick_gelu(cfg: ModelConfig) -> ModelConfig:
@@ -183,9 +203,11 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
 
     Checkpoints never run code: pickles load with ``weights_only=True`` and TorchScript archives are
     read as data, unless ``trust=True``. ``backend``: "auto", "ref", "cpp" or "triton"; None (the
-    default) means the ``FASTCLIP_BACKEND`` environment variable if set, else "auto".
+    default) means the ``FASTCLIP_BACKEND`` environment variable if set, else "auto". ``precision``:
+    "fp32", "fp16", "bf16", or "int8" (CPU only: the fp32 weights load, then the linear layers are
+    quantised to int8 and pre-packed; see fastclip/quant.py).
     """
-    _dtype(precision)
+    _check_precision(precision, device, backend)
     name = os.fspath(name_or_path)
     if pretrained is None and Path(name).exists():
         return _load_path(Path(name), device, precision, backend, trust)

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from . import quant
 from .config import ModelConfig
 from .embed import EmbeddingMixin
 from .ops import get_ops, resolve_backend
@@ -27,15 +28,24 @@ class CLIP(EmbeddingMixin, nn.Module):
         self.text = TextTransformer(cfg.text, cfg.embed_dim)
         self.log_logit_scale = nn.Parameter(torch.empty(()))
         self.logit_bias = nn.Parameter(torch.empty(1)) if cfg.family == "siglip" else None
+        self.int8_weights = None  # fastclip.quant.Int8Weights once the model runs in int8 (fastclip/quant.py)
         self.set_backend(backend)
         self.tokenizer = None
         self.preprocess = None
 
     # ------------------------------------------------------------------ backend
     def set_backend(self, backend: str | None = "auto") -> "CLIP":
-        """Resolve ``backend`` for the model's current device and use it from now on."""
-        self.backend = resolve_backend(backend, self.device if self._has_storage() else "cpu")
-        self.ops = get_ops(self.backend)
+        """Resolve ``backend`` for the model's current device and use it from now on (an int8 model keeps
+        its int8 linear layers; int8 runs on the CPU with ``cpu`` or ``ref`` only, else ValueError)."""
+        device = self.device if self._has_storage() else "cpu"
+        if self.int8_weights is not None:
+            quant.check_int8(device, backend)
+        name = resolve_backend(backend, device)
+        ops = get_ops(name)
+        if self.int8_weights is not None:
+            quant.check_int8(device, name)
+            ops = quant.int8_ops(ops, self.int8_weights)
+        self.backend, self.ops = name, ops
         return self
 
     def _has_storage(self) -> bool:
@@ -49,8 +59,16 @@ class CLIP(EmbeddingMixin, nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
+    @property
+    def precision(self) -> str:
+        """"int8" (int8 linear layers, fp32 elsewhere), or the parameters' dtype: "fp32", "fp16", "bf16"."""
+        if self.int8_weights is not None:
+            return "int8"
+        return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))
+
     def extra_repr(self) -> str:
-        return f"name={self.cfg.name!r}, family={self.cfg.family!r}, backend={self.backend!r}"
+        return (f"name={self.cfg.name!r}, family={self.cfg.family!r}, backend={self.backend!r}, "
+                f"precision={self.precision!r}")
 
     # ------------------------------------------------------------------ OpenCLIP API
     @property

@@ -1,0 +1,207 @@
+"""``precision="int8"``: int8 weights and activations on the CPU, int32 accumulation.
+
+Scheme (per linear layer y = x @ W.T + b):
+
+- weights: symmetric int8 per output channel, ``W[n] ~ scale[n] * Wq[n]`` with ``scale[n] = max|W[n]| / 127``,
+  quantised once and pre-packed for the int8 GEMM (``quantize_model``); the fp32 master weights stay in
+  the model, so ``state_dict`` is unchanged;
+- activations: asymmetric uint8 with one scale / zero point per call, from the tensor's min and max
+  (dynamic quantisation, nothing to calibrate);
+- the GEMM: PyTorch's ``quantized::linear_dynamic`` (fbgemm / oneDNN, VNNI where the CPU has it),
+  int32 accumulation, dequantised with the bias into fp32.
+
+Only ``linear`` changes: layer norm, attention, bias + activation and the pooled-row projections run
+the fp32 ops of the model's backend (``cpu``, the C++ kernels, or ``ref``). The int8 table looks the packed weight up by
+the fp32 weight tensor it is called with (or a row view of one that was packed); a weight that is not
+packed runs the fp32 op. A packed weight whose fp32 master changed in place is
+re-quantised on its next use.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from .ops import OpTable
+
+# fbgemm's int8 kernel without VNNI sums pairs of u8*s8 products in int16, which can saturate; 7-bit
+# activations (reduce_range) avoid it. With VNNI (vpdpbusd) the sums are int32 and all 8 bits are used.
+REDUCE_RANGE = not (hasattr(torch.cpu, "_is_vnni_supported") and torch.cpu._is_vnni_supported())
+# The quantized engine the weights are packed for (fbgemm measured fastest inside ViT-B-32 here); a
+# packed weight carries its engine, so torch's global engine setting does not matter at run time.
+ENGINE = next((e for e in ("fbgemm", "x86", "onednn") if e in torch.backends.quantized.supported_engines), None)
+
+
+def why_not_int8(device: torch.device | str, backend: str | None) -> str | None:
+    """None if an int8 model can run on ``device`` with ``backend`` (None: ``FASTCLIP_BACKEND``, as the
+    op table resolves it), else the reason it cannot."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"int8 precision runs on the CPU only, not on {device.type!r} (use fp16 or bf16 on GPUs)"
+    backend = backend or os.environ.get("FASTCLIP_BACKEND", "")
+    if backend.strip().lower() == "triton":
+        return "int8 precision runs with the cpu or ref backend, not triton (the Triton kernels are GPU kernels)"
+    if ENGINE is None:
+        return ("this PyTorch build has no x86 int8 GEMM engine (fbgemm, x86 or onednn; it has "
+                f"{torch.backends.quantized.supported_engines})")
+    return None
+
+
+def check_int8(device: torch.device | str, backend: str | None) -> None:
+    """Raise ValueError naming the reason if an int8 model cannot run on ``device`` with ``backend``."""
+    reason = why_not_int8(device, backend)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+@contextlib.contextmanager
+def _engine(name: str):
+    """Pack for ``name`` without leaving torch's global quantized engine changed."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version  # inference tensors cannot change in place
+
+
+@dataclasses.dataclass
+class PackedLinear:
+    """A (N, K) fp32 weight (and its (N,) bias) as a pre-packed per-channel int8 GEMM operand."""
+
+    packed: torch.ScriptObject
+    version: int
+    ptr: int
+    bias_version: int
+    bias_ptr: int
+
+    @staticmethod
+    @torch.no_grad()
+    def pack(weight: torch.Tensor, bias: torch.Tensor | None) -> "PackedLinear":
+        w = weight.detach().float().contiguous()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()  # (N,)
+        zero = torch.zeros(w.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the quantized-tensor deprecation notice
+            wq = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+        b = None if bias is None else bias.detach().float().contiguous()
+        with _engine(ENGINE):
+            packed = torch.ops.quantized.linear_prepack(wq, b)
+        return PackedLinear(packed, _version(weight), weight.data_ptr(),
+                            -1 if bias is None else _version(bias), 0 if bias is None else bias.data_ptr())
+
+    def fresh(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """The pack still holds ``weight`` and ``bias`` as they are now."""
+        if self.version != _version(weight) or self.ptr != weight.data_ptr():
+            return False
+        if bias is None:
+            return self.bias_ptr == 0
+        return self.bias_version == _version(bias) and self.bias_ptr == bias.data_ptr()
+
+
+class Int8Weights:
+    """The packed int8 copies of a model's linear weights.
+
+    Keyed by where a weight lives (data pointer, shape) so that views of a packed layer's rows -- the q
+    and kv halves of ``in_proj_weight`` that trimmed last blocks and attention pooling split off on every
+    call -- find their pack too; each entry keeps a weak reference to the Parameter it was cut from, so
+    memory reused by another tensor never matches.
+    """
+
+    def __init__(self):
+        self._packs: dict = {}  # (data_ptr, shape) -> (weakref to owning weight, bias ptr, PackedLinear)
+        self.nbytes = 0  # int8 weights + fp32 biases held by the packs (besides the fp32 masters)
+
+    @staticmethod
+    def _owner(t: torch.Tensor) -> torch.Tensor:
+        return t if t._base is None else t._base
+
+    def add(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        key = (weight.data_ptr(), tuple(weight.shape))
+        self._packs[key] = (weakref.ref(self._owner(weight)), _ptr(bias), PackedLinear.pack(weight, bias))
+        self.nbytes += weight.numel() + (0 if bias is None else 4 * bias.numel())
+
+    def __len__(self) -> int:
+        return len(self._packs)
+
+    def lookup(self, weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear | None:
+        """The pack of ``weight`` with this ``bias`` (re-quantised if either changed), or None."""
+        key = (weight.data_ptr(), tuple(weight.shape))
+        entry = self._packs.get(key)
+        if entry is None or entry[0]() is not self._owner(weight) or entry[1] != _ptr(bias):
+            return None
+        pack = entry[2]
+        if not pack.fresh(weight, bias):
+            pack = PackedLinear.pack(weight, bias)
+            self._packs[key] = (entry[0], entry[1], pack)
+        return pack
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _linears(model: nn.Module):
+    """(weight, bias) of every linear layer the towers run through ``ops.linear``, as they call it
+    (including the q / kv row halves of ``in_proj_weight`` that pooled attention uses)."""
+    from .transformer import Mlp, MultiheadAttention
+
+    for module in model.modules():
+        if isinstance(module, MultiheadAttention):
+            yield module.in_proj_weight, module.in_proj_bias
+            w, W = module.in_proj_weight, module.width
+            yield from zip(w.split([W, 2 * W]), module.in_proj_bias.split([W, 2 * W]))
+            yield module.out_proj.weight, module.out_proj.bias
+        elif isinstance(module, Mlp):
+            yield module.c_fc.weight, None  # its bias is added by ops.bias_act with the activation
+            yield module.c_proj.weight, module.c_proj.bias
+
+
+def quantize_model(model: nn.Module) -> Int8Weights:
+    """Pack every transformer linear layer of ``model`` (fp32, on the CPU) as int8; returns the packs.
+
+    The parameters are frozen (``requires_grad=False``): int8 layers have no backward.
+    """
+    for p in model.parameters():
+        if p.dtype != torch.float32 or p.device.type != "cpu":
+            raise ValueError(f"int8 quantisation needs fp32 CPU weights, got {p.dtype} on {p.device}")
+    model.requires_grad_(False)
+    weights = Int8Weights()
+    for weight, bias in _linears(model):
+        weights.add(weight, bias)
+    return weights
+
+
+def int8_ops(base: OpTable, weights: Int8Weights) -> OpTable:
+    """``base`` with its ``linear`` replaced by the int8 GEMM for every weight in ``weights``."""
+    fp32_linear = base.linear
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, upcast: bool = False):
+        """y = x @ weight.T + bias.  x: (..., K) fp32, weight: (N, K), bias: (N,) -> (..., N) fp32."""
+        if upcast or x.dtype != torch.float32 or x.numel() == 0:
+            return fp32_linear(x, weight, bias, upcast=upcast)
+        if x.device.type != "cpu":
+            raise ValueError(f"int8 models run on the CPU, got an input on {x.device}")
+        pack = weights.lookup(weight, bias)
+        if pack is None:
+            return fp32_linear(x, weight, bias)
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("int8 linear layers have no backward; run the model under torch.no_grad() "
+                               "or torch.inference_mode(), or use precision='fp32' to train")
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]}")
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.ops.quantized.linear_dynamic(x2 if x2.is_contiguous() else x2.contiguous(), pack.packed,
+                                               REDUCE_RANGE)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    return dataclasses.replace(base, linear=linear)
