@@ -1,59 +1,109 @@
-"""End-to-end encoder throughput: fastclip beside open_clip and transformers, same run, same shapes.
+"""End-to-end encoder throughput: fastclip beside its peers, in the same run, on the same weights and inputs.
 
-    pytest bench/bench_e2e.py --benchmark-group-by=group --benchmark-columns=mean,stddev,rounds
+    python -m pytest bench/bench_e2e.py --benchmark-json /tmp/e2e.json && python bench/report.py /tmp/e2e.json
+    python -m pytest bench/bench_e2e.py --benchmark-disable -x          # smoke check: every row once
+    python -m pytest bench/bench_e2e.py -k "ViT-B-32 and b32"            # one group
+    FASTCLIP_BENCH_LARGE=1 python -m pytest bench/bench_e2e.py -k ViT-L-14
 
-Each row's ``extra_info.items_per_s`` is images/s or texts/s; compare rows of one group only.
+Implementations (bench/peers.py): fastclip (auto backend), fastclip int8 (``precision="int8"``),
+open_clip eager, open_clip under ``torch.compile``, transformers, ONNX Runtime fp32 on the exported
+open_clip towers and its dynamic int8 quantisation. Images: ViT-B-32 and ViT-B-16 at batch 1 and 32,
+ViT-L-14 at batch 1 and 8 (only with FASTCLIP_BENCH_LARGE=1). Text: 256 captions of 5-40 words
+(bench/captions.py) through the ViT-B-32 text tower, tokenization included in every row: fastclip's
+``embed_texts`` and ``encode_text(tokenizer(...))``, open_clip and ONNX Runtime on open_clip's 77-token
+input, transformers with ``padding="longest"`` and its attention mask.
+
+Each row's ``extra_info``: items_per_s (images/s or texts/s), latency_ms (mean time of one call),
+gflops_per_s (bench/flops.py) and fraction_of_sgemm (this machine's sgemm rate, bench/sgemm.py, measured
+in the same session); int8 rows add their cosine to open_clip fp32. Every implementation's output is
+checked against open_clip eager before it is timed.
 """
+import os
+
 import pytest
 import torch
 
+from captions import realistic_captions
 from conftest import rate
+from flops import caption_flops, image_flops
+from sgemm import SHAPES
 
-IMPLS = ["fastclip", "open_clip", "transformers"]
-
-
-def _image_fn(models, impl, pixels):
-    oc, fc, hf = models
-    if impl == "fastclip":
-        return lambda: fc.encode_image(pixels)
-    if impl == "open_clip":
-        return lambda: oc.encode_image(pixels)
-    return lambda: hf.get_image_features(pixel_values=pixels)
-
-
-def _text_fn(models, impl, tokens):
-    oc, fc, hf = models
-    if impl == "fastclip":
-        return lambda: fc.encode_text(tokens)
-    if impl == "open_clip":
-        return lambda: oc.encode_text(tokens)
-    return lambda: hf.get_text_features(input_ids=tokens)
+IMPLS = ["fastclip", "fastclip-int8", "open_clip", "torch.compile", "transformers", "ort-fp32", "ort-int8"]
+TEXT_IMPLS = ["fastclip", "fastclip encode_text", *IMPLS[1:]]
+LARGE = os.environ.get("FASTCLIP_BENCH_LARGE") == "1"
+IMAGE_ROUNDS = {  # architecture: {batch: rounds}
+    "ViT-B-32": {1: 20, 32: 5},
+    "ViT-B-16": {1: 10, 32: 3},
+    "ViT-L-14": {1: 5, 8: 3},
+}
+CAPTIONS = realistic_captions(256, seed=0)
+_INPUTS: dict = {}  # one input per (architecture, batch), so open_clip's reference output is computed once
+_FLOPS: dict = {}
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("batch", [1, 32])
-def test_images(benchmark, vit_b32, impl, batch):
-    benchmark.group = f"ViT-B-32 images, batch {batch}"
-    pixels = torch.randn(batch, 3, 224, 224)
-    fn = _image_fn(vit_b32, impl, pixels)
+def _image_cases():
+    skip_large = pytest.mark.skipif(not LARGE, reason="ViT-L-14 rows run with FASTCLIP_BENCH_LARGE=1")
+    for arch, batches in IMAGE_ROUNDS.items():
+        for batch in batches:
+            for impl in IMPLS:
+                marks = [skip_large] if arch == "ViT-L-14" else []
+                yield pytest.param(arch, batch, impl, id=f"{arch}-b{batch}-{impl}", marks=marks)
+
+
+def _build_or_skip(build, impl: str):
+    """Build an encoder; a missing optional implementation skips its row with the reason."""
+    try:
+        return build()
+    except (ValueError, NotImplementedError) as exc:
+        if impl == "fastclip-int8":
+            pytest.skip(f"fastclip int8 is not available: {exc}")
+        raise
+    except Exception as exc:
+        if impl == "torch.compile" and not isinstance(exc, AssertionError):
+            pytest.skip(f"torch.compile failed on this machine: {type(exc).__name__}: {exc}")
+        raise
+
+
+def _record(benchmark, peers, impl: str, tower: str, items: int, flops_per_item: float, sgemm: float, **facts):
+    rate(benchmark, items, flops_per_item, sgemm)
+    benchmark.extra_info.update(impl=impl, arch=peers.arch, workload=tower, **facts)
+    for key in (f"{impl} {tower}", f"ort-int8 {tower}" if impl == "ort-int8" else None):
+        benchmark.extra_info.update(peers.info.get(key, {}))
+
+
+def test_sgemm(benchmark, sgemm_gflops):
+    """This machine's sgemm rate (the yardstick of every fraction_of_sgemm), as a row of its own."""
+    benchmark.group = "sgemm"
+    m, k, n = SHAPES["2048^3"]
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    benchmark.pedantic(torch.mm, args=(a, b), rounds=5, warmup_rounds=1)
+    benchmark.extra_info.update(impl="torch.mm", sgemm_gflops=sgemm_gflops)
+
+
+@pytest.mark.parametrize("impl", TEXT_IMPLS)
+def test_captions(benchmark, peer_set, sgemm_gflops, impl):
+    peers = peer_set("ViT-B-32")
+    benchmark.group = f"ViT-B-32 text, {len(CAPTIONS)} captions"
+    if "captions" not in _FLOPS:
+        _FLOPS["captions"] = caption_flops(peers.hf, peers.hf_tokenizer, CAPTIONS) / len(CAPTIONS)
+    fn = _build_or_skip(lambda: peers.text_encoder(impl, CAPTIONS), impl)
     with torch.inference_mode():
-        benchmark.pedantic(fn, rounds=20 if batch == 1 else 5, warmup_rounds=1)
-    rate(benchmark, batch)
+        benchmark.pedantic(fn, args=(CAPTIONS,), rounds=3, warmup_rounds=1)
+    _record(benchmark, peers, impl, "text", len(CAPTIONS), _FLOPS["captions"], sgemm_gflops, batch=len(CAPTIONS))
 
 
-CAPTIONS = [
-    "a photo of a cat sitting on a windowsill",
-    "two dogs playing with a red ball in the park",
-    "an aerial view of a city at night with lights",
-    "a bowl of ramen with an egg and green onions",
-] * 16  # 64 captions of typical length
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_captions(benchmark, vit_b32, impl):
-    benchmark.group = "ViT-B-32 text, 64 captions"
-    tokens = vit_b32[1].tokenizer(CAPTIONS)
-    fn = _text_fn(vit_b32, impl, tokens)
+@pytest.mark.parametrize("arch, batch, impl", list(_image_cases()))
+def test_images(benchmark, peer_set, sgemm_gflops, arch, batch, impl):
+    peers = peer_set(arch)
+    benchmark.group = f"{arch} images, batch {batch}"
+    size = peers.cfg.vision.image_size
+    if (arch, batch) not in _INPUTS:
+        _INPUTS.clear()
+        _INPUTS[arch, batch] = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+    if arch not in _FLOPS:
+        _FLOPS[arch] = image_flops(peers.open_clip, size)
+    pixels = _INPUTS[arch, batch]
+    fn = _build_or_skip(lambda: peers.image_encoder(impl, pixels), impl)
     with torch.inference_mode():
-        benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
-    rate(benchmark, len(CAPTIONS))
+        benchmark.pedantic(fn, args=(pixels,), rounds=IMAGE_ROUNDS[arch][batch], warmup_rounds=1)
+    _record(benchmark, peers, impl, "image", batch, _FLOPS[arch], sgemm_gflops, batch=batch)

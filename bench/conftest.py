@@ -1,4 +1,5 @@
-"""Shared fixtures for the benchmarks: one set of random ViT-B-32 weights in every implementation."""
+"""Shared fixtures for the benchmarks: thread count, the machine's sgemm rate, the peer sets, and
+``rate``, which writes each row's throughput figures into pytest-benchmark's ``extra_info``."""
 import os
 
 import pytest
@@ -7,26 +8,51 @@ import torch
 torch.set_num_threads(int(os.environ.get("FASTCLIP_BENCH_THREADS", os.cpu_count() or 1)))
 
 
-def rate(benchmark, items: int) -> None:
-    """Record items/s (from the mean round time) beside pytest-benchmark's timings."""
-    benchmark.extra_info["items"] = items
-    benchmark.extra_info["items_per_s"] = round(items / benchmark.stats.stats.mean, 2)
+def rate(benchmark, items: int, flops_per_item: float | None = None, sgemm_gflops: float | None = None) -> None:
+    """Record items/s and the mean call time (``latency_ms``) beside pytest-benchmark's timings; with
+    ``flops_per_item`` also GFLOP/s, and with ``sgemm_gflops`` that rate as a fraction of the machine's
+    sgemm rate. Does nothing under ``--benchmark-disable`` (no timings then)."""
+    if not benchmark.stats:
+        return
+    mean = benchmark.stats.stats.mean
+    info = benchmark.extra_info
+    info["items"] = items
+    info["items_per_s"] = round(items / mean, 2)
+    info["latency_ms"] = round(mean * 1e3, 2)
+    if flops_per_item:
+        gflops = flops_per_item * items / mean / 1e9
+        info["gflop_per_item"] = round(flops_per_item / 1e9, 4)
+        info["gflops_per_s"] = round(gflops, 1)
+        if sgemm_gflops:
+            info["sgemm_gflops"] = sgemm_gflops
+            info["fraction_of_sgemm"] = round(gflops / sgemm_gflops, 3)
 
 
 @pytest.fixture(scope="session")
-def vit_b32():
-    """(open_clip model, fastclip model, transformers model), eval mode; fastclip shares open_clip's weights
-    and uses the backend FASTCLIP_BACKEND names (default: auto)."""
-    import open_clip
-    import transformers
+def sgemm_gflops() -> float:
+    """This machine's sgemm rate (GFLOP/s), measured once per session (bench/sgemm.py)."""
+    from sgemm import measure_sgemm
 
-    import fastclip
-    from fastclip import keymaps
-    from fastclip.factory import _attach_io, _build
+    return measure_sgemm()["best"]
 
-    torch.manual_seed(0)
-    oc = open_clip.create_model("ViT-B-32-quickgelu").eval()
-    cfg = fastclip.get_model_config("ViT-B-32-quickgelu")
-    fc = _attach_io(_build(cfg, keymaps.from_openclip(dict(oc.state_dict())), "open_clip", "cpu", "fp32", None), None)
-    hf = transformers.CLIPModel(transformers.CLIPConfig()).eval()  # the default config is ViT-B/32
-    return oc, fc, hf
+
+class _LatestPeerSet:
+    """Hands out the PeerSet of an architecture, keeping only the latest one alive (ViT-L-14's peers
+    hold several GiB); tests are ordered by architecture so each is built once."""
+
+    def __init__(self):
+        self.arch, self.peers = None, None
+
+    def __call__(self, arch: str):
+        from peers import PeerSet
+
+        if arch != self.arch:
+            self.arch, self.peers = None, None  # free the previous architecture first
+            self.peers, self.arch = PeerSet(arch), arch
+        return self.peers
+
+
+@pytest.fixture(scope="session")
+def peer_set():
+    """``peer_set(arch)`` -> bench/peers.py's PeerSet: every implementation on one set of weights."""
+    return _LatestPeerSet()

@@ -1,0 +1,334 @@
+"""The peers fastclip is measured against, built for one architecture from ONE set of random weights.
+
+Weights are drawn once by transformers' ``CLIPModel`` (seeded), renamed into fastclip's layout with
+``fastclip.keymaps.from_hf`` and from there into open_clip's (``openclip_state_dict``), so open_clip,
+open_clip under ``torch.compile``, transformers, ONNX Runtime (the exported open_clip towers, fp32 and
+dynamic int8) and fastclip all compute with the same numbers. Every peer's output is checked against
+open_clip eager on the benchmark's own input the first time it runs (fp32: ``assert_close`` at 1e-4;
+int8: per-item cosine, recorded), so a wrong peer fails loudly instead of being timed.
+
+ONNX files are cached under ``FASTCLIP_BENCH_CACHE`` (default ``~/.cache/fastclip-bench``) in a folder
+named by architecture and a fingerprint of the weights.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+CACHE = Path(os.environ.get("FASTCLIP_BENCH_CACHE", Path.home() / ".cache" / "fastclip-bench"))
+ATOL = RTOL = 1e-4  # fp32 peers vs open_clip eager
+MIN_COSINE = 0.99  # int8 peers vs fp32
+
+Encoder = Callable  # pixels (B, 3, S, S) -> (B, E), or captions list[str] -> (B, E)
+
+
+def per_item_cosine(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(got.float(), want.float(), dim=-1)
+
+
+def check_close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    """An fp32 peer must equal open_clip eager; raise naming the peer if not."""
+    try:
+        torch.testing.assert_close(got.float(), want.float(), atol=ATOL, rtol=RTOL)
+    except AssertionError as exc:
+        raise AssertionError(f"{name} disagrees with open_clip eager: {exc}") from None
+
+
+def _weights_fingerprint(sd: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha1()
+    for key in sorted(sd):
+        digest.update(key.encode())
+        digest.update(sd[key].detach().reshape(-1)[:4096].contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def hf_config(cfg):
+    """transformers ``CLIPConfig`` of a fastclip QuickGELU CLIP ``ModelConfig``."""
+    import transformers
+
+    v, t = cfg.vision, cfg.text
+    return transformers.CLIPConfig(
+        projection_dim=cfg.embed_dim,
+        vision_config=dict(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio),
+                           num_hidden_layers=v.layers, num_attention_heads=v.width // v.head_width,
+                           image_size=v.image_size, patch_size=v.patch_size, hidden_act="quick_gelu"),
+        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
+                         num_hidden_layers=t.layers, num_attention_heads=t.heads,
+                         max_position_embeddings=t.context_length, hidden_act="quick_gelu",
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=0),
+    )
+
+
+def openclip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fastclip names -> open_clip names (the inverse of ``keymaps.from_openclip`` for CLIP ViTs)."""
+    out = {}
+    for key, value in sd.items():
+        if key == "log_logit_scale":
+            key = "logit_scale"
+        elif key.startswith("text."):
+            key = key[len("text."):]
+        out[key] = value
+    return out
+
+
+def hf_tokenizer():
+    """transformers ``CLIPTokenizer`` over OpenAI's BPE (the file bundled with fastclip), no download."""
+    import transformers
+
+    from fastclip.tokenizer import _clip_vocab
+
+    tokens, merges = _clip_vocab()
+    special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {special.get(tok, tok): i for i, tok in enumerate(tokens)}
+    return transformers.CLIPTokenizer(vocab=vocab, merges=list(merges))
+
+
+class _Tower(torch.nn.Module):
+    """One open_clip tower as a module for ``torch.onnx.export``."""
+
+    def __init__(self, model, tower: str):
+        super().__init__()
+        self.model, self.tower = model, tower
+
+    def forward(self, x):
+        return self.model.encode_image(x) if self.tower == "image" else self.model.encode_text(x)
+
+
+class PeerSet:
+    """Every implementation of one architecture on the same weights; each is built on first use."""
+
+    def __init__(self, arch: str, seed: int = 0):
+        import open_clip
+        import transformers
+
+        import fastclip
+        from fastclip import keymaps
+
+        self.arch = arch
+        self.cfg = fastclip.get_model_config(f"{arch}-quickgelu")
+        torch.manual_seed(seed)
+        self.hf = transformers.CLIPModel(hf_config(self.cfg)).eval()
+        self.state_dict = keymaps.from_hf(dict(self.hf.state_dict()), self.cfg)
+        self.open_clip = open_clip.create_model(f"{arch}-quickgelu", pretrained=None).eval()
+        self.open_clip.load_state_dict(openclip_state_dict(self.state_dict), strict=True)
+        self.cache_dir = CACHE / f"{arch}-{_weights_fingerprint(self.state_dict)}"
+        self.info: dict[str, dict] = {}  # "<impl> <tower>" -> facts found at build time (cosines, choices)
+        self._reference: dict[tuple, tuple] = {}  # (tower, id(input)) -> (input, open_clip eager output)
+        self._built: dict[tuple, object] = {}  # fastclip models and ONNX Runtime sessions, built once
+
+    # ------------------------------------------------------------------ fastclip
+    def fastclip(self, precision: str = "fp32"):
+        """fastclip (auto backend) on the shared weights, through the public ``fastclip.load`` of an
+        OpenCLIP checkpoint written once into the cache; ``precision`` as ``fastclip.load`` takes it."""
+        import fastclip
+
+        key = ("fastclip", precision)
+        if key not in self._built:
+            self._built[key] = fastclip.load(f"{self.arch}-quickgelu", pretrained=self.checkpoint_path(),
+                                             precision=precision)
+        return self._built[key]
+
+    def checkpoint_path(self) -> Path:
+        """The shared weights as an OpenCLIP ``.safetensors`` file (written on first use)."""
+        import safetensors.torch
+
+        path = self.cache_dir / "open_clip.safetensors"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tensors = {k: v.detach().contiguous().clone() for k, v in self.open_clip.state_dict().items()}
+            safetensors.torch.save_file(tensors, str(path.with_suffix(".partial")))
+            path.with_suffix(".partial").rename(path)
+        return path
+
+    # ------------------------------------------------------------------ reference outputs
+    def reference(self, tower: str, inputs) -> torch.Tensor:
+        """open_clip eager features of ``inputs`` (pixels, or a list of captions), cached per input."""
+        key = (tower, id(inputs))
+        if key not in self._reference:
+            with torch.inference_mode():
+                if tower == "image":
+                    out = self.open_clip.encode_image(inputs)
+                else:
+                    out = self.open_clip.encode_text(self.open_clip_tokenizer(inputs))
+            self._reference[key] = (inputs, out)  # holding the input keeps its id from being reused
+        return self._reference[key][1]
+
+    @functools.cached_property
+    def open_clip_tokenizer(self):
+        import open_clip
+
+        return open_clip.get_tokenizer(f"{self.arch}-quickgelu")
+
+    @functools.cached_property
+    def hf_tokenizer(self):
+        return hf_tokenizer()
+
+    # ------------------------------------------------------------------ torch.compile
+    @functools.cached_property
+    def compiled(self) -> dict[str, Callable]:
+        """open_clip's encoders under ``torch.compile`` (default mode, one static graph per input shape)."""
+        return {"image": torch.compile(self.open_clip.encode_image, dynamic=False),
+                "text": torch.compile(self.open_clip.encode_text, dynamic=False)}
+
+    # ------------------------------------------------------------------ ONNX Runtime
+    def onnx_path(self, tower: str) -> Path:
+        """The open_clip tower exported with a dynamic batch axis (text: 77 tokens), cached on disk as
+        ``<tower>/model.onnx`` (+ ``model.onnx.data``, the weights, which the .onnx file names)."""
+        path = self.cache_dir / tower / "model.onnx"
+        if path.is_file():
+            return path
+        if tower == "image":
+            size = self.cfg.vision.image_size
+            example = torch.randn(2, 3, size, size)
+        else:
+            example = self.open_clip_tokenizer(["a photo of a cat", "a dog"])
+        staging = self.cache_dir / f"{tower}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        torch.onnx.export(_Tower(self.open_clip, tower).eval(), (example,), str(staging / "model.onnx"), dynamo=True,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},),
+                          input_names=["input"], output_names=["features"], verbose=False)
+        staging.rename(path.parent)  # complete exports only
+        return path
+
+    def int8_path(self, tower: str, per_channel: bool) -> Path:
+        """``onnxruntime.quantization.quantize_dynamic`` of the fp32 export (its default weight type)."""
+        from onnxruntime.quantization import quantize_dynamic
+
+        fp32 = self.onnx_path(tower)
+        path = fp32.with_name("int8-per-channel.onnx" if per_channel else "int8.onnx")
+        if not path.is_file():
+            staging = path.with_suffix(".partial")
+            quantize_dynamic(str(fp32), str(staging), per_channel=per_channel)
+            staging.rename(path)
+        return path
+
+    def ort_session(self, path: Path):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    def ort_int8(self, tower: str, example: torch.Tensor) -> Callable:
+        """The faster of per-tensor / per-channel dynamic int8 among those with cosine >= 0.99 to fp32
+        (timed on ``example``, the benchmark's own input); the choice and both cosines go in ``info``."""
+        want = self._ort_fp32_features(tower, example)
+        trials = {}
+        for per_channel in (False, True):
+            run = self.ort_session(self.int8_path(tower, per_channel))
+            got = run(example)
+            best = min(_seconds(run, example) for _ in range(2))
+            trials["per-channel" if per_channel else "per-tensor"] = (run, per_item_cosine(got, want).min().item(), best)
+        good = {k: v for k, v in trials.items() if v[1] >= MIN_COSINE} or trials
+        choice = min(good, key=lambda k: good[k][2])
+        self.info[f"ort-int8 {tower}"] = {
+            "quantization": choice,
+            **{f"min_cosine_{k}": round(v[1], 5) for k, v in trials.items()},
+            **{f"seconds_{k}": round(v[2], 4) for k, v in trials.items()},
+        }
+        return trials[choice][0]
+
+    def _ort_fp32_features(self, tower: str, example: torch.Tensor) -> torch.Tensor:
+        key = ("ort-fp32", tower, id(example))
+        if key not in self._reference:
+            self._reference[key] = (example, self.ort_fp32(tower)(example))
+        return self._reference[key][1]
+
+    def ort_fp32(self, tower: str) -> Callable:
+        key = ("ort-fp32", tower)
+        if key not in self._built:
+            self._built[key] = self.ort_session(self.onnx_path(tower))
+        return self._built[key]
+
+    # ------------------------------------------------------------------ encoders by name
+    def image_encoder(self, impl: str, pixels: torch.Tensor) -> Encoder:
+        """pixels -> features for ``impl``, checked against open_clip eager on ``pixels`` (also the warm-up)."""
+        if impl == "fastclip":
+            fn = self.fastclip().encode_image
+        elif impl == "fastclip-int8":
+            fn = self.fastclip("int8").encode_image
+        elif impl == "open_clip":
+            fn = self.open_clip.encode_image
+        elif impl == "torch.compile":
+            fn = self.compiled["image"]
+        elif impl == "transformers":
+            def fn(x):
+                return _features(self.hf.get_image_features(pixel_values=x))
+        elif impl == "ort-fp32":
+            fn = self.ort_fp32("image")
+        elif impl == "ort-int8":
+            fn = self.ort_int8("image", pixels)
+        else:
+            raise ValueError(f"unknown implementation {impl!r}")
+        self._check(impl, "image", fn, pixels)
+        return fn
+
+    def text_encoder(self, impl: str, captions: list[str]) -> Encoder:
+        """captions -> features for ``impl`` (tokenization included), checked like ``image_encoder``."""
+        oc_tok = self.open_clip_tokenizer
+        if impl == "fastclip":  # the batch API: tokenize, group by length, encode, normalise
+            model = self.fastclip()
+            fn = model.embed_texts
+        elif impl == "fastclip encode_text":
+            model = self.fastclip()
+
+            def fn(texts):
+                return model.encode_text(model.tokenizer(texts))
+        elif impl == "fastclip-int8":
+            fn = self.fastclip("int8").embed_texts
+        elif impl == "open_clip":
+            def fn(texts):
+                return self.open_clip.encode_text(oc_tok(texts))
+        elif impl == "torch.compile":
+            def fn(texts, compiled=self.compiled["text"]):
+                return compiled(oc_tok(texts))
+        elif impl == "transformers":
+            def fn(texts):
+                batch = self.hf_tokenizer(texts, padding="longest", return_tensors="pt")
+                return _features(self.hf.get_text_features(input_ids=batch["input_ids"],
+                                                           attention_mask=batch["attention_mask"]))
+        elif impl in ("ort-fp32", "ort-int8"):  # the export takes open_clip's 77-token input
+            run = self.ort_fp32("text") if impl == "ort-fp32" else self.ort_int8("text", oc_tok(captions))
+
+            def fn(texts):
+                return run(oc_tok(texts))
+        else:
+            raise ValueError(f"unknown implementation {impl!r}")
+        self._check(impl, "text", fn, captions)
+        return fn
+
+    def _check(self, impl: str, tower: str, fn: Encoder, inputs) -> None:
+        with torch.inference_mode():
+            got = torch.as_tensor(fn(inputs))  # embed_texts returns a numpy array
+        want = self.reference(tower, inputs)
+        if impl == "fastclip" and tower == "text":  # embed_texts returns L2-normalised rows
+            want = F.normalize(want, dim=-1)
+        if "int8" in impl:
+            cosine = per_item_cosine(got, want)
+            self.info.setdefault(f"{impl} {tower}", {}).update(
+                min_cosine_to_fp32=round(cosine.min().item(), 5), mean_cosine_to_fp32=round(cosine.mean().item(), 5))
+        else:
+            check_close(f"{self.arch} {tower} {impl}", got, want)
+
+
+def _features(out):
+    """transformers 5 may return a model output instead of a tensor from get_*_features."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _seconds(fn, x) -> float:
+    start = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - start

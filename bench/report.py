@@ -1,0 +1,117 @@
+"""Markdown results table of the end-to-end benches, with the issue's targets marked met / not met.
+
+    python -m pytest bench/bench_e2e.py bench/bench_jpeg.py --benchmark-json /tmp/e2e.json
+    python bench/report.py /tmp/e2e.json
+
+(``FASTCLIP_BENCH_LARGE=1`` before the first command adds the ViT-L-14 rows.) Per group: each
+implementation's rate (images/s or texts/s; batch-1 groups show latency), GFLOP/s as a fraction of the
+sgemm rate measured in the same run, and fastclip's speed-up over it (> 1: fastclip is faster; int8
+rows are compared with fastclip int8). Groups appear in the order they ran.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+FASTCLIP = "fastclip"
+# (label, group, impl measured, impl compared with, minimum speed-up)
+SPEED_TARGETS = [
+    ("ViT-B-32 images, batch 32: >= 1.0x ONNX Runtime fp32", "ViT-B-32 images, batch 32", FASTCLIP, "ort-fp32", 1.0),
+    ("ViT-B-32 images, batch 32: >= 1.15x open_clip", "ViT-B-32 images, batch 32", FASTCLIP, "open_clip", 1.15),
+    ("ViT-B-32 images, batch 1: latency <= ONNX Runtime fp32", "ViT-B-32 images, batch 1", FASTCLIP, "ort-fp32", 1.0),
+    ("ViT-B-32 captions: >= 5x open_clip", "ViT-B-32 text, 256 captions", FASTCLIP, "open_clip", 5.0),
+    ("ViT-B-32 captions: >= 1.2x transformers", "ViT-B-32 text, 256 captions", FASTCLIP, "transformers", 1.2),
+    ("int8, ViT-B-32 images, batch 32: >= 1.1x ONNX Runtime int8", "ViT-B-32 images, batch 32",
+     "fastclip-int8", "ort-int8", 1.1),
+    ("int8, ViT-B-32 captions: >= 1.1x ONNX Runtime int8", "ViT-B-32 text, 256 captions", "fastclip-int8", "ort-int8", 1.1),
+]
+MIN_COSINE, MIN_JPEG_FRACTION = 0.99, 0.85
+
+
+def load_rows(path: str) -> tuple[dict[str, dict[str, dict]], float | None]:
+    """{group: {impl: extra_info + mean}}, and the sgemm rate of the run."""
+    with open(path) as f:
+        data = json.load(f)
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    sgemm = None
+    for bench in data["benchmarks"]:
+        info = dict(bench.get("extra_info", {}))
+        if bench["group"] == "sgemm":
+            sgemm = info.get("sgemm_gflops")
+            continue
+        info["mean_s"] = bench["stats"]["mean"]
+        groups[bench["group"]][info.get("impl", bench["name"])] = info
+    return groups, sgemm
+
+
+def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _speedup_base(group: str, impl: str, rows: dict[str, dict]) -> dict | None:
+    """The fastclip row a row is compared with: fastclip int8 for int8 rows, embed_images' encoder for
+    the JPEG group, else fastclip."""
+    if "JPEG" in group:
+        return rows.get("embed_images")
+    return rows.get("fastclip-int8" if "int8" in impl else FASTCLIP)
+
+
+def group_table(group: str, rows: dict[str, dict]) -> list[str]:
+    unit = "texts/s" if "text" in group else "img/s"
+    batch1 = group.endswith("batch 1")
+    head = "latency (ms)" if batch1 else unit
+    ratio_head = "embed_images' rate over it" if "JPEG" in group else "fastclip's speed-up over it"
+    lines = [f"### {group}", "", f"| implementation | {head} | GFLOP/s | of sgemm | {ratio_head} |",
+             "|---|---|---|---|---|"]
+    for impl, row in rows.items():
+        value = row.get("latency_ms") if batch1 else row.get("items_per_s")
+        base = _speedup_base(group, impl, rows)
+        ratio = base["items_per_s"] / row["items_per_s"] if base and row.get("items_per_s") else None
+        extra = ""
+        if "min_cosine_to_fp32" in row:
+            extra = f" (cosine to fp32 ≥ {row['min_cosine_to_fp32']:.4f}{', ' + row['quantization'] if 'quantization' in row else ''})"
+        lines.append(f"| {impl}{extra} | {_fmt(value)} | {_fmt(row.get('gflops_per_s'))} | "
+                     f"{_fmt(row.get('fraction_of_sgemm'), '.2f')} | {_fmt(ratio, '.2f', 'x')} |")
+    return lines + [""]
+
+
+def targets_table(groups: dict[str, dict[str, dict]]) -> list[str]:
+    lines = ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
+
+    def row(label: str, measured: str, met: bool | None):
+        lines.append(f"| {label} | {measured} | {'—' if met is None else ('met' if met else 'not met')} |")
+
+    for label, group, impl, peer, minimum in SPEED_TARGETS:
+        rows = groups.get(group, {})
+        if impl not in rows or peer not in rows:
+            row(label, f"not run ({', '.join(x for x in (impl, peer) if x not in rows)} missing)", None)
+            continue
+        speedup = rows[impl]["items_per_s"] / rows[peer]["items_per_s"]
+        met = speedup >= minimum
+        if "int8" in impl:
+            cosine = rows[impl].get("min_cosine_to_fp32")
+            met = met and cosine is not None and cosine >= MIN_COSINE
+            row(label + f", cosine >= {MIN_COSINE}", f"{speedup:.2f}x, cosine {_fmt(cosine, '.4f')}", met)
+        else:
+            row(label, f"{speedup:.2f}x", met)
+    jpeg = next((rows for group, rows in groups.items() if "JPEG" in group), {})
+    fraction = jpeg.get("embed_images", {}).get("fraction_of_encoder_rate")
+    row(f"embed_images on JPEG files: >= {MIN_JPEG_FRACTION}x the encoder-only rate",
+        _fmt(fraction, ".2f", "x") if fraction else "not run", None if fraction is None else fraction >= MIN_JPEG_FRACTION)
+    return lines + [""]
+
+
+def report(path: str) -> str:
+    groups, sgemm = load_rows(path)
+    lines = [f"sgemm rate measured in the same run: {_fmt(sgemm)} GFLOP/s (fp32, best of 2048³ and the "
+             "encoder's 1600x768 @ 768x3072)", ""]
+    for group in groups:
+        lines += group_table(group, groups[group])
+    return "\n".join(lines + targets_table(groups))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    print(report(sys.argv[1]))
