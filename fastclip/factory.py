@@ -202,7 +202,7 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
       CLIPModel/SiglipModel directory or hub id; ``load("hf-hub:laion/...")``: an OpenCLIP hub repo.
 
     Checkpoints never run code: pickles load with ``weights_only=True`` and TorchScript archives are
-    read as data, unless ``trust=True``. ``backend``: "auto", "ref", "cpp" or "triton"; None (the
+    read as data, unless ``trust=True``. ``backend``: "auto", "ref", "cpu" (alias "cpp") or "triton"; None (the
     default) means the ``FASTCLIP_BACKEND`` environment variable if set, else "auto". ``precision``:
     "fp32", "fp16", "bf16", or "int8" (CPU only: the fp32 weights load, then the linear layers are
     quantised to int8 and pre-packed; see fastclip/quant.py).

@@ -15,10 +15,8 @@ passing normalised pixels, for tests and benchmarks):
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig, VisionConfig
@@ -214,19 +212,26 @@ class VisionTransformer(nn.Module):
             self.attn_pool = AttentionPool(w, cfg.heads, cfg.mlp_width, cfg.act, cfg.norm_eps)
         self.proj = nn.Parameter(torch.empty(w, embed_dim)) if cfg.proj else None
 
-    def patch_embed(self, pixels: torch.Tensor, pixel_norm: PixelNorm | None = None) -> torch.Tensor:
-        """pixels: (B, 3, S, S) -> (B, W, grid, grid).
+    def patch_embed(self, pixels: torch.Tensor, ops: OpTable, pixel_norm: PixelNorm | None = None) -> torch.Tensor:
+        """pixels: (B, 3, S, S) -> patch tokens (B, grid*grid, W).
 
-        Normalised float pixels go through conv1 as they are; with ``pixel_norm`` the pixels are raw
-        levels (uint8) and conv1 runs with the normalisation folded into its weights (fold_pixel_norm).
+        conv1 (kernel = stride = P, no padding) is one GEMM over the flattened patches, run through
+        ``ops.linear``: the same sums as the convolution, without a convolution library's per-call cost.
+        Normalised float pixels use conv1's weights as they are; with ``pixel_norm`` the pixels are raw
+        levels (uint8) and the normalisation is folded into the weights (fold_pixel_norm).
         """
+        B, P, g, W = pixels.shape[0], self.cfg.patch_size, self.cfg.grid, self.cfg.width
         dtype = self.conv1.weight.dtype
         if pixel_norm is None:
-            return self.conv1(pixels.to(dtype))
-        if pixels.dtype != torch.uint8:
+            weight, bias = self.conv1.weight, self.conv1.bias
+        elif pixels.dtype != torch.uint8:
             raise ValueError(f"pixel_norm expects raw uint8 pixels, got {pixels.dtype}")
-        weight, bias = self._folded_conv(pixel_norm)
-        return F.conv2d(pixels.to(dtype), weight, bias, stride=self.conv1.stride)
+        else:
+            weight, bias = self._folded_conv(pixel_norm)
+        cells = pixels[:, :, : g * P, : g * P].reshape(B, 3, g, P, g, P)  # (B, 3, gy, py, gx, px)
+        patches = cells.permute(0, 2, 4, 1, 3, 5).reshape(B * g * g, 3 * P * P).to(dtype)  # (B·g², 3·P·P)
+        out = ops.linear(patches, weight.reshape(W, 3 * P * P), bias)  # (B·g², W)
+        return out.view(B, g * g, W)
 
     def _folded_conv(self, pixel_norm: PixelNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """conv1's (weight, bias) with ``pixel_norm`` folded in, in conv1's dtype.  Folding costs about
@@ -237,8 +242,7 @@ class VisionTransformer(nn.Module):
     def tokens(self, pixels: torch.Tensor, ops: OpTable, pixel_norm: PixelNorm | None = None) -> torch.Tensor:
         """pixels: (B, 3, S, S) -> final tokens before pooling (B, T, W), or (B, W) for class-token
         pooling with ``trim_last_block`` (the final state of token 0 only)."""
-        x = self.patch_embed(pixels, pixel_norm)  # (B, W, grid, grid)
-        x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, W)
+        x = self.patch_embed(pixels, ops, pixel_norm)  # (B, grid*grid, W)
         if self.cfg.class_token:
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
             x = torch.cat([cls, x], dim=1)  # (B, 1 + grid*grid, W)

@@ -171,7 +171,7 @@ def test_normalize_project_transposed_proj_and_bad_index():
 @pytest.mark.skipif(not cpu_ops.MKL_PACK_AVAILABLE, reason="torch built without MKL")
 def test_linear_packed_weights_follow_the_weight(monkeypatch):
     """Packed on the second call with the same batch size; repacked after any change of the weight
-    (packing is opt-in, FASTCLIP_MKL_PACK=1; switched on here)."""
+    (packing is on unless FASTCLIP_MKL_PACK=0; switched on here)."""
     monkeypatch.setattr(cpu_ops, "_MKL_PACK", True)
     weight = torch.randn(96, 80, generator=gen(0))
     bias = torch.randn(96, generator=gen(1))
