@@ -351,7 +351,7 @@ def text_ops(cfg, embed_dim: int, batch: int, path: str = "triton", length: int 
     if path == "triton":
         ops.append(normalize_project(B, W, embed_dim, normalize=False, proj_bias=cfg.proj_bias))
     else:
-        ops += normalize_project_eager(B, W, embed_dim, normalize=False, gather=True, ref=True)
+        ops += normalize_project_eager(B, W, embed_dim, normalize=False, ref=True)  # rows come pooled
     return ops
 
 
