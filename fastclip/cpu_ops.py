@@ -8,10 +8,8 @@ tensor that does not is made contiguous here. Outer strides are passed to the ke
 q/k/v of a packed qkv tensor or the class-token rows ``x[:, 0]`` are read in place. The kernels run on
 torch's own OpenMP thread pool (see csrc/common.h), so ``torch.set_num_threads`` governs them too.
 
-``linear`` is not a kernel of ours: it runs MKL's GEMM on weights packed once into MKL's layout (see
-the linear section). Packed GEMMs cut ViT-B-32's batch-1 latency here by about 13% (small batches gain
-most) and batch-32 throughput by a few percent, for a second copy of the linear weights in memory;
-FASTCLIP_MKL_PACK=0 turns it off (plain F.linear, as the reference).
+``linear`` and ``linear_act`` (fastclip/cpu_linear.py) run on pre-packed weights: the AVX-512 kernel of
+csrc/linear.cpp for small batches, MKL's packed GEMM for large ones.
 
 Importing this module fails with ImportError when ``fastclip._C`` is not built or the CPU lacks
 AVX2/FMA; ``backend="auto"`` then falls back to the reference ops (fastclip/ops.py).
@@ -23,7 +21,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _C, ref
 
@@ -165,68 +162,9 @@ def normalize_project(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.T
     return out
 
 
-# ---------------------------------------------------------------------------------------- linear
-# MKL's packed-weight GEMM: the weight is reordered once into MKL's internal layout
-# (torch.ops.mkl._mkl_reorder_linear_weight) instead of on every call, as F.linear does. It is packed for
-# one batch size M (rows of x) -- the only use MKL documents -- when the same M is seen twice in a row,
-# so varying text lengths never repack on every call. The pack is dropped when the weight changes
-# (its version counter or storage), and costs as much memory as the weight itself.
-# On unless FASTCLIP_MKL_PACK=0 (then F.linear, as the reference).
-MKL_PACK_AVAILABLE = (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-                      and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
-_MKL_PACK = MKL_PACK_AVAILABLE and os.environ.get("FASTCLIP_MKL_PACK", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-class _Pack:
-    __slots__ = ("version", "ptr", "m", "packed", "last_m")
-
-    def __init__(self, version: int, ptr: int):
-        self.version, self.ptr, self.m, self.packed, self.last_m = version, ptr, -1, None, -1
-
-
-_PACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def clear_packed_weights() -> None:
-    """Drop every MKL-packed weight (needed only after writing weights behind torch's back, e.g. via numpy)."""
-    _PACKS.clear()
-
-
-def _packed_weight(weight: torch.Tensor, M: int):
-    """MKL-packed ``weight`` for batch size M, or None (use F.linear)."""
-    if weight.is_inference() or not weight.is_contiguous():
-        return None  # inference tensors have no version counter to watch for changes
-    version, ptr = weight._version, weight.data_ptr()
-    entry = _PACKS.get(weight)
-    if entry is None or entry.version != version or entry.ptr != ptr:
-        entry = _PACKS[weight] = _Pack(version, ptr)
-    if entry.m == M:
-        return entry.packed
-    seen_twice, entry.last_m = entry.last_m == M, M
-    if not seen_twice:
-        return None
-    entry.packed, entry.m = None, -1  # free the old pack before making the new one
-    entry.packed, entry.m = torch.ops.mkl._mkl_reorder_linear_weight(weight, M), M
-    return entry.packed
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, upcast: bool = False):
-    """y = x @ weight.T + bias.  x: (..., K), weight: (N, K), bias: (N,) -> (..., N); MKL packed weights."""
-    if (upcast or not _MKL_PACK or weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]
-            or not _native(x, weight, bias) or (bias is not None and bias.shape != weight.shape[:1])):
-        return ref.linear(x, weight, bias, upcast=upcast)
-    x2 = x.reshape(-1, x.shape[-1])
-    packed = _packed_weight(weight, x2.shape[0])
-    if packed is None:
-        return F.linear(x, weight, bias)
-    y = torch.ops.mkl._mkl_linear(x2 if x2.is_contiguous() else x2.contiguous(), packed, weight, bias, x2.shape[0])
-    return y.view(*x.shape[:-1], weight.shape[0])
-
-
 def op_table() -> dict:
     """{op name: C++-backed op} for fastclip.ops (ops not listed here run the reference)."""
-    table = {"attention": attention, "layer_norm": layer_norm, "bias_act": bias_act,
-             "normalize_project": normalize_project}
-    if _MKL_PACK:
-        table["linear"] = linear
-    return table
+    from .cpu_linear import linear, linear_act
+
+    return {"attention": attention, "layer_norm": layer_norm, "bias_act": bias_act,
+            "normalize_project": normalize_project, "linear": linear, "linear_act": linear_act}

@@ -26,7 +26,7 @@ BACKENDS = ("ref", "cpu", "triton")
 ALIASES = {"cpp": "cpu"}  # older name of the C++ CPU backend
 _EXPECTED = "'auto', 'ref', 'cpu' (alias 'cpp'), 'triton'"
 _fallback_warned = False  # the auto -> ref fallback on a CPU warns once per process
-OP_NAMES = ("linear", "bias_act", "layer_norm", "attention", "normalize_project", "l2_normalize")
+OP_NAMES = ("linear", "linear_act", "bias_act", "layer_norm", "attention", "normalize_project", "l2_normalize")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class OpTable:
 
     backend: str
     linear: Callable
+    linear_act: Callable
     bias_act: Callable
     layer_norm: Callable
     attention: Callable
@@ -46,11 +47,24 @@ def _ref_table() -> OpTable:
     return OpTable("ref", **{name: getattr(ref, name) for name in OP_NAMES})
 
 
+def compose_linear_act(linear: Callable, bias_act: Callable) -> Callable:
+    """``linear_act`` as a table's own ``linear`` then its ``bias_act`` (for backends that do not fuse it)."""
+    def linear_act(x, weight, bias, act, upcast=False):
+        """act(x @ weight.T + bias).  x: (..., K), weight: (N, K), bias: (N,) or None -> (..., N)."""
+        return bias_act(linear(x, weight, None, upcast=upcast), bias, act, upcast=upcast)
+
+    return linear_act
+
+
 def _module_table(backend: str, module_name: str) -> OpTable:
-    """Build a table from a module exposing `op_table(ref_table) -> dict` (ops it does not fuse fall back to ref)."""
+    """Build a table from a module exposing `op_table() -> dict` (ops it does not provide fall back to ref;
+    a missing ``linear_act`` is composed from the table's own ``linear`` and ``bias_act``)."""
     module = importlib.import_module(module_name)
     base = {name: getattr(ref, name) for name in OP_NAMES}
-    base.update(module.op_table())
+    own = module.op_table()
+    base.update(own)
+    if "linear_act" not in own:
+        base["linear_act"] = compose_linear_act(base["linear"], base["bias_act"])
     return OpTable(backend, **base)
 
 

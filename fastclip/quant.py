@@ -27,7 +27,7 @@ import weakref
 import torch
 from torch import nn
 
-from .ops import OpTable
+from .ops import OpTable, compose_linear_act
 
 # fbgemm's int8 kernel without VNNI sums pairs of u8*s8 products in int16, which can saturate; 7-bit
 # activations (reduce_range) avoid it. With VNNI (vpdpbusd) the sums are int32 and all 8 bits are used.
@@ -162,7 +162,7 @@ def _linears(model: nn.Module):
             yield from zip(w.split([W, 2 * W]), module.in_proj_bias.split([W, 2 * W]))
             yield module.out_proj.weight, module.out_proj.bias
         elif isinstance(module, Mlp):
-            yield module.c_fc.weight, None  # its bias is added by ops.bias_act with the activation
+            yield module.c_fc.weight, None  # its bias is added by bias_act with the activation (linear_act)
             yield module.c_proj.weight, module.c_proj.bias
 
 
@@ -204,4 +204,4 @@ def int8_ops(base: OpTable, weights: Int8Weights) -> OpTable:
                                                REDUCE_RANGE)
         return y.view(*x.shape[:-1], weight.shape[0])
 
-    return dataclasses.replace(base, linear=linear)
+    return dataclasses.replace(base, linear=linear, linear_act=compose_linear_act(linear, base.bias_act))

@@ -48,6 +48,14 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool 
     return activation(x, act).to(dtype)
 
 
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool = False):
+    """act(x @ weight.T + bias): ``bias_act(linear(x, weight), bias, act)``, which backends may fuse.
+
+    x: (..., K), weight: (N, K), bias: (N,) or None -> (..., N).
+    """
+    return bias_act(linear(x, weight, None, upcast=upcast), bias, act, upcast=upcast)
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                residual: torch.Tensor | None = None, upcast: bool = False):
     """LayerNorm over the last dim.  x: (..., D), weight/bias: (D,) -> (..., D), in x's dtype.

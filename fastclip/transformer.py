@@ -100,7 +100,7 @@ class Mlp(nn.Module):
         self.c_proj = nn.Linear(mlp_width, width)
 
     def apply_op(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
-        h = ops.bias_act(ops.linear(x, self.c_fc.weight), self.c_fc.bias, self.act)  # (..., M)
+        h = ops.linear_act(x, self.c_fc.weight, self.c_fc.bias, self.act)  # (..., M)
         return ops.linear(h, self.c_proj.weight, self.c_proj.bias)
 
 

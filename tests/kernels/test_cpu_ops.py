@@ -167,36 +167,6 @@ def test_normalize_project_transposed_proj_and_bad_index():
         cpu_ops.normalize_project(tokens, *args, index=torch.tensor([0, 6, 1]))
 
 
-# ---------------------------------------------------------------------------------------- linear (MKL packed)
-@pytest.mark.skipif(not cpu_ops.MKL_PACK_AVAILABLE, reason="torch built without MKL")
-def test_linear_packed_weights_follow_the_weight(monkeypatch):
-    """Packed on the second call with the same batch size; repacked after any change of the weight
-    (packing is on unless FASTCLIP_MKL_PACK=0; switched on here)."""
-    monkeypatch.setattr(cpu_ops, "_MKL_PACK", True)
-    weight = torch.randn(96, 80, generator=gen(0))
-    bias = torch.randn(96, generator=gen(1))
-    x = torch.randn(3, 7, 80, generator=gen(2))
-    cpu_ops.clear_packed_weights()
-    for _ in range(3):  # F.linear, then pack, then packed
-        assert_close(cpu_ops.linear(x, weight, bias), ref.linear(x, weight, bias))
-    assert cpu_ops._PACKS[weight].m == 21
-    assert_close(cpu_ops.linear(x[:2], weight), ref.linear(x[:2], weight))  # another batch size
-    weight.add_(0.5)  # in place: the version counter moves
-    for _ in range(3):
-        assert_close(cpu_ops.linear(x, weight, bias), ref.linear(x, weight, bias))
-    weight.data = torch.randn(96, 80, generator=gen(3))  # new storage
-    for _ in range(3):
-        assert_close(cpu_ops.linear(x, weight, bias), ref.linear(x, weight, bias))
-    xt = torch.randn(80, 21, generator=gen(4)).t()  # non-contiguous input
-    for _ in range(3):
-        assert_close(cpu_ops.linear(xt, weight, bias), ref.linear(xt, weight, bias))
-    with torch.inference_mode():
-        w_inf = torch.randn(96, 80)  # no version counter: never packed
-        for _ in range(3):
-            assert_close(cpu_ops.linear(x, w_inf), ref.linear(x, w_inf))
-        assert w_inf not in cpu_ops._PACKS
-
-
 # ---------------------------------------------------------------------------------------- dispatch and fallbacks
 def test_fallbacks_to_reference():
     """Low precision, autograd and upcast run the reference op itself (same values, gradients flow)."""

@@ -1,0 +1,225 @@
+// linear: y = act(x @ W^T + bias), fp32, on CPUs with AVX-512F, with W packed once into panels.
+//
+//   W: (N, K) rows of stride ldw (torch's linear weight), packed by linear_pack into ceil(N / 32) panels
+//      of 32 output columns: packed[(p * K + k) * 32 + j] = W[32 p + j, k] (zero past N). The pack is
+//      the size of W (plus the padding of the last panel) and does not depend on M.
+//   x: (M, K) rows of stride sx (unit stride on K); bias: (N,) or none; y: (M, N) rows of stride sy.
+//   act: none / gelu / gelu_tanh / quick_gelu (csrc/activation.h, the same code as bias_act).
+//
+// Blocking. A tile is MR <= 12 rows x 32 columns: 24 zmm accumulators, two panel loads and 12 broadcasts
+// per k, the whole K in one sweep (a panel is at most 32 K floats, 384 KiB at K = 3072, so it stays in
+// L2 while every row tile of the block passes over it). Rows are cut into blocks of at most ~1 MiB of x
+// (they stay in L2 across the panels) and each block into tiles of near-equal height (50 rows -> five
+// tiles of 10, never a thin tail). Threads (torch's OpenMP pool) take (row block, panel range) items;
+// with one row block -- small batches -- each thread streams its own contiguous range of panels.
+//
+// Prefetch. At small M a panel is used by only a few tiles, so its first read comes from memory, not
+// cache: while the tiles of panel p run, they prefetch panel p + 1 into L2 (each tile a share of it,
+// two cache lines per k, the rate the tile consumes its own panel), so the next panel is waiting.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+
+#include "activation.h"
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace fastclip {
+namespace {
+
+constexpr int64_t kNR = 32;                  // output columns per panel (two zmm)
+constexpr int kMaxMR = 12;                   // rows per tile
+constexpr int64_t kKC = 256;                 // k per chunk: a panel chunk is kKC x 32 floats (32 KiB)
+constexpr int64_t kBlockBytes = 1 << 20;     // x rows per block: about this many bytes
+
+bool avx512_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+int64_t packed_size(int64_t N, int64_t K) { return ceil_div(N, kNR) * kNR * K; }
+
+}  // namespace
+}  // namespace fastclip
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+
+namespace fastclip {
+namespace {
+
+template <int ACT>
+inline __m512 activate512(__m512 v) {
+  if (ACT == kNone) return v;
+  const __m512d d = _mm512_castps_pd(v);  // (the masked forms avoid GCC's uninitialised-operand warnings)
+  const __m256 lo = activate<ACT>(_mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, d, 0)));
+  const __m256 hi = activate<ACT>(_mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, d, 1)));
+  const __m512d out = _mm512_insertf64x4(_mm512_setzero_pd(), _mm256_castps_pd(lo), 0);
+  return _mm512_castpd_ps(_mm512_insertf64x4(out, _mm256_castps_pd(hi), 1));
+}
+
+// y[0:MR, 0:32] (+)= A[0:MR, 0:kc] @ panel[0:kc, 0:32] for one k chunk: the first chunk starts from zero,
+// later ones add to y; the last adds the bias and applies the activation. Stores are masked to the
+// panel's valid columns. pf .. pf + pf_bytes: memory to prefetch into L2 meanwhile (evenly over k).
+template <int MR, int ACT>
+void tile(int64_t kc, const float* A, int64_t lda, const float* panel, const float* bias, float* y, int64_t ldy,
+          __mmask16 m0, __mmask16 m1, bool first, bool last, const char* pf, int64_t pf_bytes) {
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, y + r * ldy);
+    c1[r] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, y + r * ldy + 16);
+  }
+  const int64_t lines = pf ? pf_bytes / 64 : 0;
+  int64_t owed = 0;  // Bresenham: after k steps, k * lines / kc lines are prefetched
+  for (int64_t k = 0; k < kc; ++k) {
+    for (owed += lines; owed >= kc; owed -= kc, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+    const __m512 b0 = _mm512_loadu_ps(panel + kNR * k), b1 = _mm512_loadu_ps(panel + kNR * k + 16);
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+  if (!last) {
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      _mm512_mask_storeu_ps(y + r * ldy, m0, c0[r]);
+      _mm512_mask_storeu_ps(y + r * ldy + 16, m1, c1[r]);
+    }
+    return;
+  }
+  const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+  const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(y + r * ldy, m0, activate512<ACT>(_mm512_add_ps(c0[r], bias0)));
+    _mm512_mask_storeu_ps(y + r * ldy + 16, m1, activate512<ACT>(_mm512_add_ps(c1[r], bias1)));
+  }
+}
+
+template <int ACT>
+void tile_rows(int mr, int64_t kc, const float* A, int64_t lda, const float* panel, const float* bias, float* y,
+               int64_t ldy, __mmask16 m0, __mmask16 m1, bool first, bool last, const char* pf, int64_t pf_bytes) {
+  switch (mr) {
+#define FASTCLIP_TILE(R) \
+  case R: tile<R, ACT>(kc, A, lda, panel, bias, y, ldy, m0, m1, first, last, pf, pf_bytes); break;
+    FASTCLIP_TILE(12) FASTCLIP_TILE(11) FASTCLIP_TILE(10) FASTCLIP_TILE(9) FASTCLIP_TILE(8) FASTCLIP_TILE(7)
+    FASTCLIP_TILE(6) FASTCLIP_TILE(5) FASTCLIP_TILE(4) FASTCLIP_TILE(3) FASTCLIP_TILE(2) FASTCLIP_TILE(1)
+#undef FASTCLIP_TILE
+    default: break;
+  }
+}
+
+// Rows [r0, r1) x panels [p0, p1): for each k chunk, for each panel, every row tile. A chunk of a panel
+// (kc x 32 floats, 32 KiB) stays in L1 while the row tiles pass over it; while they do, they prefetch
+// the chunk that comes next (the next panel's, or the first panel's next chunk).
+template <int ACT>
+void block(const float* x, int64_t sx, const float* packed, const float* bias, float* y, int64_t sy, int64_t N,
+           int64_t K, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  const int64_t rows = r1 - r0, tiles = ceil_div(rows, kMaxMR), base = rows / tiles, extra = rows % tiles;
+  const int64_t chunks = ceil_div(K, kKC), panel_floats = kNR * K;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t k0 = c * K / chunks, kc = (c + 1) * K / chunks - k0;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kNR, valid = std::min<int64_t>(kNR, N - n0);
+      const __mmask16 m0 = valid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+      const __mmask16 m1 = valid >= 32 ? __mmask16(0xFFFF) : valid > 16 ? __mmask16((1u << (valid - 16)) - 1) : 0;
+      const float* panel = packed + p * panel_floats + kNR * k0;
+      // The chunk after this one, and its size in bytes.
+      const char* next = nullptr;
+      int64_t next_bytes = 0;
+      if (p + 1 < p1) {
+        next = reinterpret_cast<const char*>(panel + panel_floats), next_bytes = 4 * kNR * kc;
+      } else if (c + 1 < chunks) {
+        const int64_t k1 = (c + 1) * K / chunks, kc1 = (c + 2) * K / chunks - k1;
+        next = reinterpret_cast<const char*>(packed + p0 * panel_floats + kNR * k1), next_bytes = 4 * kNR * kc1;
+      }
+      const int64_t share = round_up(ceil_div(next_bytes, tiles), 64);  // bytes of `next` per tile
+      for (int64_t t = 0, r = r0; t < tiles; ++t) {
+        const int mr = static_cast<int>(base + (t < extra));
+        const int64_t off = std::min(t * share, next_bytes);
+        tile_rows<ACT>(mr, kc, x + r * sx + k0, sx, panel, bias ? bias + n0 : nullptr, y + r * sy + n0, sy, m0, m1,
+                       c == 0, c + 1 == chunks, next ? next + off : nullptr, std::min(share, next_bytes - off));
+        r += mr;
+      }
+    }
+  }
+}
+
+template <int ACT>
+void linear_f32(const float* x, int64_t sx, const float* packed, const float* bias, float* y, int64_t sy, int64_t M,
+                int64_t N, int64_t K) {
+  const int64_t panels = ceil_div(N, kNR);
+  const int64_t block_rows = std::max<int64_t>(kMaxMR, kBlockBytes / (4 * K) / kMaxMR * kMaxMR);
+  const int64_t blocks = ceil_div(M, block_rows);
+  const int64_t groups = std::min<int64_t>(panels, max_threads());  // contiguous panel ranges
+  parallel_for(blocks * groups, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t rb = i / groups, g = i % groups;
+      block<ACT>(x, sx, packed, bias, y, sy, N, K, rb * block_rows, std::min(M, (rb + 1) * block_rows),
+                 g * panels / groups, (g + 1) * panels / groups);
+    }
+  });
+}
+
+void pack(const float* w, int64_t ldw, int64_t N, int64_t K, float* out) {
+  const int64_t panels = ceil_div(N, kNR);
+  parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      float* dst = out + p * kNR * K;
+      const int64_t n0 = p * kNR, valid = std::min<int64_t>(kNR, N - n0);
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t j = 0; j < valid; ++j) dst[k * kNR + j] = w[(n0 + j) * ldw + k];
+        for (int64_t j = valid; j < kNR; ++j) dst[k * kNR + j] = 0.0f;
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace fastclip
+
+#pragma GCC pop_options
+
+namespace fastclip {
+
+void bind_linear(py::module_& m) {
+  m.def("linear_supported", &avx512_supported, "True if this CPU runs the packed linear kernel (AVX-512F).");
+  m.def("linear_packed_size", &packed_size, "linear_packed_size(N, K): floats in the pack of an (N, K) weight.");
+  m.def(
+      "linear_pack",
+      [](uintptr_t w, int64_t ldw, int64_t N, int64_t K, uintptr_t out) {
+        if (!avx512_supported()) throw std::runtime_error("linear_pack: this CPU lacks AVX-512F");
+        if (N <= 0 || K <= 0 || ldw < K) throw std::invalid_argument("linear_pack: need N, K > 0 and ldw >= K");
+        py::gil_scoped_release release;
+        pack(reinterpret_cast<const float*>(w), ldw, N, K, reinterpret_cast<float*>(out));
+      },
+      "linear_pack(w, ldw, N, K, out): pack the (N, K) fp32 weight w (rows ldw apart) into out "
+      "(linear_packed_size(N, K) floats).");
+  m.def(
+      "linear",
+      [](uintptr_t x, int64_t sx, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t sy, int64_t M, int64_t N,
+         int64_t K, int act) {
+        if (!avx512_supported()) throw std::runtime_error("linear: this CPU lacks AVX-512F");
+        if (act < kNone || act > kQuickGelu) throw std::invalid_argument("linear: act code must be 0..3");
+        if (M < 0 || N <= 0 || K <= 0 || sx < 0 || sy < N) throw std::invalid_argument("linear: bad sizes or strides");
+        const auto* xp = reinterpret_cast<const float*>(x);
+        const auto* pp = reinterpret_cast<const float*>(packed);
+        const auto* bp = reinterpret_cast<const float*>(bias);
+        auto* yp = reinterpret_cast<float*>(y);
+        py::gil_scoped_release release;
+        switch (act) {
+          case kNone: linear_f32<kNone>(xp, sx, pp, bp, yp, sy, M, N, K); break;
+          case kGelu: linear_f32<kGelu>(xp, sx, pp, bp, yp, sy, M, N, K); break;
+          case kGeluTanh: linear_f32<kGeluTanh>(xp, sx, pp, bp, yp, sy, M, N, K); break;
+          default: linear_f32<kQuickGelu>(xp, sx, pp, bp, yp, sy, M, N, K); break;
+        }
+      },
+      "linear(x, sx, packed, bias|0, y, sy, M, N, K, act): y = act(x @ W^T + bias) with W packed by "
+      "linear_pack; fp32 pointers, row strides in elements; act 0 none, 1 gelu, 2 gelu_tanh, 3 quick_gelu.");
+}
+
+}  // namespace fastclip

@@ -1,0 +1,183 @@
+"""``linear`` / ``linear_act`` of the cpu backend (fastclip/cpu_linear.py): the AVX-512 packed-panel kernel
+of csrc/linear.cpp (small M) and MKL's packed GEMM (large M), against float64 sums and the reference ops.
+
+Awkward shapes: rows 1..128 around the 12-row tile and the kernel's row limit, columns around the
+32-column panel (1, 15, 16, 17, 31, 32, 33, 2309), depths around the 256-deep k chunk (1, 7, 255, 256,
+257, 3072); strided inputs; every activation. Then the pack cache: row views find their pack, in-place
+changes repack, freed weights drop theirs, inference tensors are never packed.
+"""
+from __future__ import annotations
+
+import gc
+import platform
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+    pytest.skip("fastclip._C is built on Linux x86-64 only", allow_module_level=True)
+
+from fastclip import cpu_linear, ref  # noqa: E402  (an ImportError here: rebuild with `pip install -e .`)
+
+ACTS = ("none", "gelu", "gelu_tanh", "quick_gelu")
+needs_kernel = pytest.mark.skipif(not cpu_linear.KERNEL_AVAILABLE,
+                                  reason="this CPU lacks AVX-512F, so linear runs MKL (tested below)")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_packs(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "_PACKING", True)
+    monkeypatch.setattr(cpu_linear, "_KERNEL", cpu_linear.KERNEL_AVAILABLE)
+    monkeypatch.setattr(cpu_linear, "_MKL_PACK", cpu_linear.MKL_PACK_AVAILABLE)
+    cpu_linear.clear_packed_weights()
+    with torch.no_grad():
+        yield
+    cpu_linear.clear_packed_weights()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def operands(M: int, K: int, N: int, seed: int = 0):
+    x = torch.randn(M, K, generator=gen(seed))
+    weight = torch.randn(N, K, generator=gen(seed + 1)) / K ** 0.5
+    bias = torch.randn(N, generator=gen(seed + 2))
+    return x, weight, bias
+
+
+def exact(x, weight, bias, act="none"):
+    """act(x @ W^T + b) summed in float64, rounded to fp32."""
+    y = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    return ref.activation(y, act).float()
+
+
+def tol(K: int) -> dict:
+    return dict(atol=1e-5 * max(1.0, K ** 0.5 / 8), rtol=1e-5)
+
+
+def test_kernel_is_used_where_the_cpu_has_avx512():
+    """A CPU that reports AVX-512F must get the kernel (a build that lost it fails here, not silently)."""
+    flags = open("/proc/cpuinfo").read().split()
+    assert cpu_linear.KERNEL_AVAILABLE == ("avx512f" in flags)
+
+
+SHAPES = [  # (M, K, N)
+    (1, 1, 1), (1, 7, 15), (2, 255, 16), (3, 256, 17), (11, 257, 31), (12, 64, 32), (13, 100, 33),
+    (24, 768, 2309), (25, 3072, 40), (50, 768, 2304), (50, 3072, 768), (97, 512, 65), (128, 384, 96),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("M,K,N", SHAPES, ids=[f"M{m}-K{k}-N{n}" for m, k, n in SHAPES])
+def test_kernel_linear(M, K, N):
+    x, weight, bias = operands(M, K, N)
+    assert_close(cpu_linear.linear(x, weight, bias), exact(x, weight, bias), **tol(K))
+    assert_close(cpu_linear.linear(x, weight), exact(x, weight, None), **tol(K))
+    assert len(cpu_linear._KERNEL_PACKS) == 1  # the kernel ran (one pack), not MKL
+
+
+@needs_kernel
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("M,K,N", [(1, 33, 47), (50, 768, 3072), (13, 3072, 768)])
+def test_kernel_linear_act(M, K, N, act):
+    """The fused epilogue: bias and activation, against float64 and against linear then bias_act."""
+    x, weight, bias = operands(M, K, N, seed=3)
+    got = cpu_linear.linear_act(x, weight, bias, act)
+    assert_close(got, exact(x, weight, bias, act), **tol(K))
+    assert_close(got, ref.linear_act(x, weight, bias, act), **tol(K))
+    assert_close(cpu_linear.linear_act(x, weight, None, act), exact(x, weight, None, act), **tol(K))
+
+
+@needs_kernel
+def test_kernel_strided_and_batched_inputs():
+    """x as (B, L, K), as rows of a wider tensor, with a non-unit inner stride and broadcast; a transposed weight."""
+    x, weight, bias = operands(60, 96, 70)
+    wide = torch.randn(60, 200, generator=gen(9))
+    wide[:, 13:109] = x
+    xs = wide[:, 13:109]  # row stride 200
+    assert_close(cpu_linear.linear(xs, weight, bias), exact(x, weight, bias), **tol(96))
+    x3 = x.view(3, 20, 96)
+    assert_close(cpu_linear.linear(x3, weight, bias), exact(x, weight, bias).view(3, 20, 70), **tol(96))
+    xt = x.t().contiguous().t()  # inner stride 60
+    assert_close(cpu_linear.linear(xt, weight, bias), exact(x, weight, bias), **tol(96))
+    row = x[:1].expand(7, 96)  # one row broadcast (row stride 0), as SigLIP's pooling probe is
+    assert_close(cpu_linear.linear(row, weight, bias), exact(x[:1], weight, bias).expand(7, 70), **tol(96))
+    wt = weight.t().contiguous().t()  # a non-contiguous weight is packed from a copy
+    assert_close(cpu_linear.linear(x, wt, bias), exact(x, weight, bias), **tol(96))
+
+
+@needs_kernel
+def test_kernel_results_do_not_depend_on_threads():
+    """Each output element is summed by one thread in one order: 1 and 2 threads agree bit for bit."""
+    x, weight, bias = operands(50, 768, 2304, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_linear.linear_act(x, weight, bias, "gelu")
+        torch.set_num_threads(2)
+        two = cpu_linear.linear_act(x, weight, bias, "gelu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_large_batches_run_mkl():
+    """Above KERNEL_MAX_ROWS rows: MKL, packed on the second call with the same M; linear_act adds bias_act."""
+    M = cpu_linear.KERNEL_MAX_ROWS + 1
+    x, weight, bias = operands(M, 80, 96)
+    for act in ("none", "quick_gelu", "quick_gelu"):  # F.linear, then pack, then packed
+        assert_close(cpu_linear.linear_act(x, weight, bias, act), exact(x, weight, bias, act), **tol(80))
+    assert len(cpu_linear._KERNEL_PACKS) == 0
+    if cpu_linear.MKL_PACK_AVAILABLE:
+        assert cpu_linear._MKL_PACKS[weight].m == M
+    assert_close(cpu_linear.linear(x[:M - 1], weight), exact(x[:M - 1], weight, None), **tol(80))
+
+
+def test_packs_follow_the_weight():
+    """Row views find their pack; an in-place change, new storage or a freed weight never leaves a stale
+    pack in use; inference tensors are never packed."""
+    in_proj = torch.randn(96, 32, generator=gen(0))
+    bias = torch.randn(96, generator=gen(1))
+    x = torch.randn(5, 32, generator=gen(2))
+    for _ in range(3):  # fresh view objects on every call, as pooled attention cuts them
+        wq, wkv = in_proj.split([32, 64])
+        bq, bkv = bias.split([32, 64])
+        assert_close(cpu_linear.linear(x, wq, bq), exact(x, wq, bq), **tol(32))
+        assert_close(cpu_linear.linear(x, wkv, bkv), exact(x, wkv, bkv), **tol(32))
+    if cpu_linear.KERNEL_AVAILABLE:
+        assert len(cpu_linear._KERNEL_PACKS) == 2
+    in_proj.mul_(-2.0)  # in place: the version counter moves
+    wq = in_proj[:32]
+    assert_close(cpu_linear.linear(x, wq, bq), exact(x, wq, bq), **tol(32))
+    in_proj.data = torch.randn(96, 32, generator=gen(3))  # new storage
+    assert_close(cpu_linear.linear(x, in_proj, bias), exact(x, in_proj, bias), **tol(32))
+    if cpu_linear.KERNEL_AVAILABLE:
+        count = len(cpu_linear._KERNEL_PACKS)
+        del in_proj, wq, wkv
+        gc.collect()
+        assert len(cpu_linear._KERNEL_PACKS) < count  # the freed weight's packs are gone
+    with torch.inference_mode():
+        w_inf = torch.randn(40, 32)
+        for _ in range(3):
+            assert_close(cpu_linear.linear(x, w_inf), exact(x, w_inf, None), **tol(32))
+    assert all(entry[0]() is not w_inf for entry in cpu_linear._KERNEL_PACKS._entries.values())
+
+
+def test_what_the_kernels_do_not_take_runs_the_reference():
+    """Autograd, other dtypes and empty inputs run the reference op; bad shapes raise its error."""
+    x, weight, bias = operands(4, 16, 8)
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_()
+        y = cpu_linear.linear_act(xg, weight, bias, "gelu")
+        y.sum().backward()
+        assert xg.grad is not None and xg.grad.shape == x.shape
+    half = cpu_linear.linear(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
+    assert half.dtype == torch.bfloat16
+    assert_close(half.float(), exact(x, weight, bias), atol=0.1, rtol=0.05)
+    assert cpu_linear.linear(x[:0], weight, bias).shape == (0, 8)
+    with pytest.raises(RuntimeError):
+        cpu_linear.linear(torch.randn(4, 15), weight, bias)
+    with pytest.raises(ValueError, match="activation"):
+        cpu_linear.linear_act(x, weight, bias, "relu6")
