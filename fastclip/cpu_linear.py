@@ -24,7 +24,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _C, ref
 from .cpu_ops import _ACT_CODES, _native, _ptr, _unit_last, bias_act
@@ -76,23 +75,22 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ac
 
 # ---------------------------------------------------------------------------------------- MKL
 class _MklPack:
-    __slots__ = ("version", "ptr", "m", "packed", "last_m")
+    """A weight's MKL pack for one batch size ``m``, and the last batch size it was called with."""
 
-    def __init__(self, version: int, ptr: int):
-        self.version, self.ptr, self.m, self.packed, self.last_m = version, ptr, -1, None, -1
+    __slots__ = ("m", "packed", "last_m")
+
+    def __init__(self):
+        self.m, self.packed, self.last_m = -1, None, -1
 
 
-_MKL_PACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_MKL_PACKS = WeightPacks(lambda weight: _MklPack())
 
 
 def _mkl_packed(weight: torch.Tensor, M: int):
     """MKL-packed ``weight`` for batch size M, or None (use F.linear)."""
-    if weight.is_inference() or not weight.is_contiguous():
-        return None  # inference tensors have no version counter to watch for changes
-    version, ptr = weight._version, weight.data_ptr()
-    entry = _MKL_PACKS.get(weight)
-    if entry is None or entry.version != version or entry.ptr != ptr:
-        entry = _MKL_PACKS[weight] = _MklPack(version, ptr)
+    entry = _MKL_PACKS.get(weight) if weight.is_contiguous() else None
+    if entry is None:
+        return None  # an inference tensor (no version counter to watch) or a strided weight
     if entry.m == M:
         return entry.packed
     seen_twice, entry.last_m = entry.last_m == M, M

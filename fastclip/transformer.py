@@ -116,17 +116,34 @@ class ResidualAttentionBlock(nn.Module):
 
     def apply_op(self, x: torch.Tensor, ops: OpTable, causal: bool) -> torch.Tensor:
         """x: (B, L, W) -> (B, L, W)."""
-        h = self.attn.self_attention(self.ln_1.apply_op(x, ops), ops, causal)
-        y, x = ops.layer_norm(h, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, residual=x)  # x += h; y = ln_2(x)
-        return x + self.mlp.apply_op(y, ops)
+        x, m = self.apply_split(x, None, ops, causal)
+        return x + m
 
-    def apply_pooled(self, x: torch.Tensor, ops: OpTable, causal: bool, index: torch.Tensor) -> torch.Tensor:
-        """The block's output at row ``index[b]`` of each sequence only.  x: (B, L, W), index: (B,) -> (B, W).
+    def _ln_1(self, x: torch.Tensor, pending: torch.Tensor | None, ops: OpTable):
+        """(ln_1(x + pending), x + pending), the sum made inside the LayerNorm op (pending may be None)."""
+        if pending is None:
+            return self.ln_1.apply_op(x, ops), x
+        return ops.layer_norm(pending, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps, residual=x)
+
+    def apply_split(self, x: torch.Tensor, pending: torch.Tensor | None, ops: OpTable, causal: bool):
+        """The block on ``x + pending`` (``pending``: the previous block's MLP output, or None), returned as
+        the pair (s, m) whose sum is the output: the residual add is left to the next block's LayerNorm,
+        which makes it in the same pass.  x, pending: (B, L, W) -> s, m: (B, L, W)."""
+        y, x = self._ln_1(x, pending, ops)
+        h = self.attn.self_attention(y, ops, causal)
+        y, x = ops.layer_norm(h, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, residual=x)  # x += h; y = ln_2(x)
+        return x, self.mlp.apply_op(y, ops)
+
+    def apply_pooled(self, x: torch.Tensor, ops: OpTable, causal: bool, index: torch.Tensor,
+                     pending: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output at row ``index[b]`` of each sequence only, on ``x + pending`` (see
+        apply_split).  x, pending: (B, L, W), index: (B,) -> (B, W).
 
         LayerNorm 1 and keys/values run over all tokens; query, output projection, residual, LayerNorm 2
         and MLP over the B pooled rows.
         """
-        h = self.attn.pooled_attention(self.ln_1.apply_op(x, ops), index, ops, causal)  # (B, W)
+        y, x = self._ln_1(x, pending, ops)
+        h = self.attn.pooled_attention(y, index, ops, causal)  # (B, W)
         pooled = x[torch.arange(x.shape[0], device=x.device), index]  # (B, W)
         y, pooled = ops.layer_norm(h, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, residual=pooled)
         return pooled + self.mlp.apply_op(y, ops)
@@ -144,13 +161,14 @@ class Transformer(nn.Module):
         only (the last block is trimmed to them: see ResidualAttentionBlock.apply_pooled)."""
         blocks = list(self.resblocks)
         last = blocks.pop() if index is not None and blocks else None
+        pending = None  # each block's MLP output is added to the stream inside the next LayerNorm
         for block in blocks:
-            x = block.apply_op(x, ops, causal)
-        if index is None:
-            return x
-        if last is None:  # no blocks at all
-            return x[torch.arange(x.shape[0], device=x.device), index]
-        return last.apply_pooled(x, ops, causal, index)
+            x, pending = block.apply_split(x, pending, ops, causal)
+        if last is not None:
+            return last.apply_pooled(x, ops, causal, index, pending)
+        if pending is not None:
+            x = x + pending
+        return x if index is None else x[torch.arange(x.shape[0], device=x.device), index]
 
 
 class AttentionPool(nn.Module):
@@ -172,6 +190,20 @@ class AttentionPool(nn.Module):
 
 
 PixelNorm = tuple  # (scale, mean (3,), std (3,)): normalised = (scale * level - mean) / std per channel
+
+
+def _tensor_state(*tensors: torch.Tensor | None) -> tuple | None:
+    """What identifies the current contents of ``tensors`` (storage, version counter, dtype, device), or
+    None if one is an inference tensor (no version counter: its changes cannot be seen)."""
+    state = []
+    for t in tensors:
+        if t is None:
+            state.append(None)
+        elif t.is_inference():
+            return None
+        else:
+            state.append((t.data_ptr(), t._version, t.dtype, t.device))
+    return tuple(state)
 
 
 def fold_pixel_norm(weight: torch.Tensor, bias: torch.Tensor | None, pixel_norm: PixelNorm):
@@ -234,10 +266,22 @@ class VisionTransformer(nn.Module):
         return out.view(B, g * g, W)
 
     def _folded_conv(self, pixel_norm: PixelNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """conv1's (weight, bias) with ``pixel_norm`` folded in, in conv1's dtype.  Folding costs about
-        W·3·P² multiply-adds (a fraction of a millisecond), so it is done on every call: always current."""
-        weight, bias = fold_pixel_norm(self.conv1.weight, self.conv1.bias, pixel_norm)
-        return weight.to(self.conv1.weight.dtype), bias.to(self.conv1.weight.dtype)
+        """conv1's (weight, bias) with ``pixel_norm`` folded in, in conv1's dtype.
+
+        Kept until conv1 or ``pixel_norm`` changes (keyed by their values, storage and version counters),
+        so the backend finds the folded weight's packed copy on the next call instead of repacking it.
+        They are made outside inference mode: inference tensors cannot be packed (no version counter).
+        """
+        key = _tensor_state(self.conv1.weight, self.conv1.bias)
+        key = None if key is None else (key, pixel_norm)
+        cached = self.__dict__.get("_folded")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.inference_mode(False), torch.no_grad():
+            weight, bias = fold_pixel_norm(self.conv1.weight, self.conv1.bias, pixel_norm)
+            folded = weight.to(self.conv1.weight.dtype), bias.to(self.conv1.weight.dtype)
+        self.__dict__["_folded"] = (key, folded) if key is not None else None
+        return folded
 
     def tokens(self, pixels: torch.Tensor, ops: OpTable, pixel_norm: PixelNorm | None = None) -> torch.Tensor:
         """pixels: (B, 3, S, S) -> final tokens before pooling (B, T, W), or (B, W) for class-token

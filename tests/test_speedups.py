@@ -190,6 +190,10 @@ def test_folded_weights_follow_weight_changes(names):
     model = _model("speed-siglip")
     photos = _photos(3, seed=5)
     before = model.embed_images(photos)
+    norm = model.preprocess.pixel_norm
+    with torch.inference_mode():
+        kept = model.visual._folded_conv(norm)[0]
+    assert model.visual._folded_conv(norm)[0] is kept and not kept.is_inference()  # kept, and packable
     with torch.no_grad():
         model.visual.conv1.weight.mul_(1.5)
         model.visual.conv1.bias.add_(0.1)
