@@ -6,12 +6,14 @@
 //
 // Work item = (batch, head, block of <= BQ queries), handed out to torch's OpenMP threads. A thread packs
 // K^T (16-key panels, zero-padded) and V (D padded to 8) of its (batch, head) once into its scratch,
-// then for each block of <= BK keys: S = Q K^T (6x16 FMA tiles reading the strided q rows directly),
+// then for each block of <= BK keys: S = Q K^T (FMA tiles reading the strided q rows directly: 6x16 with
+// AVX2, 12x32 with AVX-512F, see gemm512.h),
 // online softmax (running row max m and sum l, O rescaled by exp(m_old - m_new)), O += P V. The
 // result O / l is written straight into `out`'s strided rows. No copies of q/k/v outside the scratch.
 #include <pybind11/pybind11.h>
 
 #include "common.h"
+#include "gemm512.h"
 
 namespace py = pybind11;
 
@@ -108,6 +110,7 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
   const int64_t tasks = B * H * nqb;
   // Whole (batch, head) units when there are plenty (one K/V packing each), else single query blocks.
   const int64_t grain = B * H >= 4 * max_threads() ? nqb : 1;
+  auto* const mm = avx512_enabled() ? &gemm512 : &gemm;  // zmm tiles where the CPU has them
   parallel_for(tasks, grain, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<float> kbuf, vbuf, sbuf, obuf, mlbuf;
     float* Kp = scratch(kbuf, Lkp * D);
@@ -130,13 +133,13 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
       std::fill(Lsum, Lsum + nq, 0.0f);
       for (int64_t j0 = 0; j0 < kend; j0 += bk) {
         const int64_t nk = std::min(bk, kend - j0);
-        gemm(nq, round_up(nk, 8), D, qrows, sq.l, Kp + (j0 / 16) * D * 16, 16 * D, 16, S, bk, false);
+        mm(nq, round_up(nk, 8), D, qrows, sq.l, Kp + (j0 / 16) * D * 16, 16 * D, 16, S, bk, false);
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t valid = causal ? std::max<int64_t>(0, std::min(nk, i0 + r + 1 - j0)) : nk;
           const float alpha = softmax_row(S + r * bk, valid, nk, scale, M[r], Lsum[r]);
           if (alpha != 1.0f) scale_row(O + r * Dp, Dp, alpha);
         }
-        gemm(nq, Dp, nk, S, bk, Vp + j0 * Dp, 16, Dp, O, Dp, /*accumulate=*/j0 > 0);
+        mm(nq, Dp, nk, S, bk, Vp + j0 * Dp, 16, Dp, O, Dp, /*accumulate=*/j0 > 0);
       }
       float* orows = out + b * so.b + h * so.h + i0 * so.l;
       for (int64_t r = 0; r < nq; ++r) {

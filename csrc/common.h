@@ -74,6 +74,18 @@ void parallel_for(int64_t n, int64_t grain, const F& f) {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// f(first_row, rows) for M rows cut into ceil(M / max_rows) tiles of near-equal height (50 rows, at most
+// 12 a tile -> five tiles of 10; never a thin tail).
+template <class F>
+inline void row_tiles(int64_t M, int64_t max_rows, const F& f) {
+  const int64_t tiles = ceil_div(M, max_rows), base = M / tiles, extra = M % tiles;
+  for (int64_t t = 0, m = 0; t < tiles; ++t) {
+    const int64_t rows = base + (t < extra);
+    f(m, rows);
+    m += rows;
+  }
+}
+
 // Per-thread scratch that grows and is reused across calls (a few hundred KiB at most).
 inline float* scratch(std::vector<float>& buf, size_t n) {
   if (buf.size() < n) buf.resize(n);
@@ -195,13 +207,11 @@ inline void gemm_tile(int64_t K, const float* A, int64_t lda, const float* B, in
     }
 }
 
-// M rows in ceil(M / 6) tiles of near-equal height (50 rows -> 6x5 + 4x5, never a 1- or 2-row tail).
+// M rows in row tiles of at most 6 (row_tiles).
 template <int NV, bool MASK>
 inline void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                       float* C, int64_t ldc, bool acc, __m256i mask) {
-  const int64_t tiles = ceil_div(M, 6), base = M / tiles, extra = M % tiles;
-  for (int64_t t = 0, m = 0; t < tiles; ++t) {
-    const int64_t mr = base + (t < extra);
+  row_tiles(M, 6, [&](int64_t m, int64_t mr) {
     const float* At = A + m * lda;
     float* Ct = C + m * ldc;
     switch (mr) {
@@ -212,8 +222,7 @@ inline void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const f
       case 2: gemm_tile<2, NV, MASK>(K, At, lda, B, ldb, Ct, ldc, acc, mask); break;
       default: gemm_tile<1, NV, MASK>(K, At, lda, B, ldb, Ct, ldc, acc, mask); break;
     }
-    m += mr;
-  }
+  });
 }
 
 // C[M x N] (+)= A[M x K] @ B[K x N]. A: rows of stride lda. B: column tiles of 16; tile t starts at

@@ -104,6 +104,24 @@ const OmpRuntime* omp_runtime() {
   return nullptr;
 }
 
+namespace {
+std::atomic<bool> avx512_off{false};
+}  // namespace
+
+bool avx512_enabled() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return has && !avx512_off.load(std::memory_order_relaxed);
+}
+
+bool set_avx512(bool on) {
+  const bool was = avx512_enabled();
+  avx512_off.store(!on, std::memory_order_relaxed);
+  return was;
+}
+
 bool cpu_supported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -114,6 +132,9 @@ bool cpu_supported() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastclip C++ CPU kernels (fp32, AVX2/FMA) on raw buffers; call them through fastclip.cpu_ops";
   m.def("cpu_supported", &fastclip::cpu_supported, "True if this CPU has AVX2 and FMA (the kernels need both).");
+  m.def("set_avx512", &fastclip::set_avx512,
+        "set_avx512(on) -> previous: let kernels with an AVX2 and an AVX-512 variant (attention) use AVX-512 "
+        "where the CPU has it (on, the default) or always AVX2 (off, for tests). The linear kernel is AVX-512 only.");
   m.def("num_threads", &fastclip::max_threads, "Threads a parallel kernel uses now (torch's OpenMP pool).");
   m.def("team_size", &fastclip::team_size, "Threads in a parallel region of the kernels (a check of the pool).");
   m.def("openmp_runtime", &fastclip::omp_runtime_path,

@@ -46,10 +46,20 @@ def packed_qkv(B: int, L: int, H: int, D: int, seed: int = 0):
 
 
 # ---------------------------------------------------------------------------------------- attention
+@pytest.fixture(params=["avx512", "avx2"])
+def isa(request):
+    """The attention kernel with its AVX-512 tiles (where the CPU has AVX-512F) and with its AVX2 tiles."""
+    if request.param == "avx512" and "avx512f" not in open("/proc/cpuinfo").read().split():
+        pytest.skip("this CPU lacks AVX-512F: the kernel runs its AVX2 tiles (the avx2 cases)")
+    _C.set_avx512(request.param == "avx512")
+    yield request.param
+    _C.set_avx512(True)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("D", [64, 72, 80, 104])
 @pytest.mark.parametrize("L", [1, 50, 77, 197, 257])
-def test_attention_packed_views(L, D, causal):
+def test_attention_packed_views(L, D, causal, isa):
     q, k, v = packed_qkv(2, L, 3, D, seed=L * D)
     assert not q.is_contiguous()
     out = cpu_ops.attention(q, k, v, causal=causal)
@@ -59,14 +69,14 @@ def test_attention_packed_views(L, D, causal):
 
 @pytest.mark.parametrize("D", [1, 13, 33, 40, 128])
 @pytest.mark.parametrize("L", [3, 64, 129, 300])
-def test_attention_odd_head_dims(L, D):
+def test_attention_odd_head_dims(L, D, isa):
     q, k, v = (torch.randn(1, 2, L, D, generator=gen(i)) for i in range(3))
     for causal in (False, True):
         assert_close(cpu_ops.attention(q, k, v, causal=causal), ref.attention(q, k, v, causal=causal))
 
 
 @pytest.mark.parametrize("Lk", [1, 50, 257, 729])
-def test_attention_cross(Lk):
+def test_attention_cross(Lk, isa):
     """A pooling probe (Lq = 1) or a few queries attending to Lk keys; k/v separate strided views."""
     for Lq in (1, 5):
         q = torch.randn(3, 4, Lq, 72, generator=gen(Lk))
@@ -74,7 +84,7 @@ def test_attention_cross(Lk):
         assert_close(cpu_ops.attention(q, kv[0], kv[1]), ref.attention(q, kv[0], kv[1]))
 
 
-def test_attention_large_scores_and_batches():
+def test_attention_large_scores_and_batches(isa):
     """Scores far from 0 (the online max must rescale correctly across key blocks), many (b, h)."""
     q, k, v = packed_qkv(5, 197, 4, 64, seed=7)
     q = q * 6
