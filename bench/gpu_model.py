@@ -278,28 +278,34 @@ def normalize_project_eager(B: int, W: int, E: int, normalize: bool = True, gath
 PATHS = ("triton", "ref")
 
 
-def _block(path: str, B: int, L: int, W: int, H: int, Mw: int, act: str, causal: bool) -> list[Op]:
-    """One pre-norm ResidualAttentionBlock (fastclip/transformer.py) on (B, L, W) tokens."""
+def _ln_1(fused: bool, M: int, W: int, pending: bool) -> list[Op]:
+    """ln_1, which adds the previous block's MLP output to the stream when there is one (apply_split)."""
+    return [layer_norm(M, W, residual=pending)] if fused else layer_norm_ref(M, W, residual=pending)
+
+
+def _block(path: str, B: int, L: int, W: int, H: int, Mw: int, act: str, causal: bool, pending: bool) -> list[Op]:
+    """One pre-norm ResidualAttentionBlock (fastclip/transformer.py, ``apply_split``) on (B, L, W) tokens;
+    its MLP output is added to the stream by the next block's ln_1 (``pending``: this block's ln_1 does)."""
     M, Dh = B * L, W // H
     fused = path == "triton"
-    ops = [layer_norm(M, W)] if fused else layer_norm_ref(M, W)  # ln_1
+    ops = _ln_1(fused, M, W, pending)
     ops.append(gemm("qkv", M, 3 * W, W))
     ops += [attention(B, H, L, Dh, causal)] if fused else attention_ref(B, H, L, Dh, causal)
     ops.append(gemm("out_proj", M, W, W))
     ops += [layer_norm(M, W, residual=True)] if fused else layer_norm_ref(M, W, residual=True)  # x += h; ln_2
     ops.append(gemm("c_fc", M, Mw, W))
     ops += [bias_act(M, Mw, act)] if fused else bias_act_eager(M, Mw, act)
-    ops += [gemm("c_proj", M, W, Mw), elementwise("x + mlp", M * W, 3 * S)]
+    ops.append(gemm("c_proj", M, W, Mw))
     return ops
 
 
-def _pooled_block(path: str, B: int, L: int, W: int, H: int, Mw: int, act: str) -> list[Op]:
+def _pooled_block(path: str, B: int, L: int, W: int, H: int, Mw: int, act: str, pending: bool) -> list[Op]:
     """The trimmed last block (ResidualAttentionBlock.apply_pooled): LayerNorm 1 and keys/values over all
     B·L tokens; query, attention, output projection, LayerNorm 2 and MLP for one pooled row per
     sequence (at the last position or the class token: the query sees all L keys)."""
     M, Dh = B * L, W // H
     fused = path == "triton"
-    ops = [layer_norm(M, W)] if fused else layer_norm_ref(M, W)  # ln_1
+    ops = _ln_1(fused, M, W, pending)
     ops += [elementwise("pooled-row gather", B * W, 2 * S, launches=2), gemm("q", B, W, W), gemm("kv", M, 2 * W, W)]
     ops += [attention(B, H, 1, Dh, False, Lk=L)] if fused else attention_ref(B, H, 1, Dh, False, Lk=L)
     ops.append(gemm("out_proj", B, W, W))
@@ -313,9 +319,9 @@ def _pooled_block(path: str, B: int, L: int, W: int, H: int, Mw: int, act: str) 
 def _layers(path: str, B: int, L: int, W: int, H: int, Mw: int, act: str, causal: bool, layers: int) -> list[Op]:
     """Every block of a tower that pools one row per sequence: the last one trimmed to that row."""
     ops = []
-    for _ in range(layers - 1):
-        ops += _block(path, B, L, W, H, Mw, act, causal)
-    return ops + (_pooled_block(path, B, L, W, H, Mw, act) if layers else [])
+    for i in range(layers - 1):
+        ops += _block(path, B, L, W, H, Mw, act, causal, pending=i > 0)
+    return ops + (_pooled_block(path, B, L, W, H, Mw, act, pending=layers > 1) if layers else [])
 
 
 def vision_ops(cfg, embed_dim: int, batch: int, path: str = "triton") -> list[Op]:
