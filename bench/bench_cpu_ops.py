@@ -5,7 +5,9 @@
 Per-op groups use ViT-B-32 (batch 32: 50 tokens -> 1600 rows) and ViT-B-16 (batch 8: 197 tokens ->
 1576 rows) shapes, width 768, MLP 3072, 12 heads of 64, and the text tower's causal 77 tokens.
 Compare rows of one group only: ``extra_info.vs_ref`` is the reference op's mean time over this row's
-(> 1: faster than the reference), attention rows also carry GFLOP/s. The last group is the whole
+(> 1: faster than the reference), attention and linear rows also carry GFLOP/s. One linear group runs
+every layer of a 12-layer ViT-B stack at batch 1, weights streamed from memory as in the model
+(F.linear, MKL's packed GEMM, the packed-panel kernel). The last group is the whole
 ViT-B-32 image tower at batch 32 (``extra_info.items_per_s`` = images/s) with backend cpp, backend
 ref and open_clip on the same weights. Set FASTCLIP_MKL_PACK=0 to run the cpp rows without packed
 weights (then the cpp linear rows are F.linear too).
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rate
-from fastclip import cpu_linear, cpu_ops, ref
+from fastclip import _C, cpu_linear, cpu_ops, ref
 from fastclip.ops import compose_linear_act
 
 _REF_MEAN: dict[str, float] = {}
@@ -53,15 +55,21 @@ ATTN_SHAPES = {  # name: (B, H, L, Dh, causal)
 }
 
 
-@pytest.mark.parametrize("impl", ["ref", "cpp", "sdpa"])  # ref first: the others report vs_ref
+@pytest.mark.parametrize("impl", ["ref", "cpp", "cpp-avx2", "sdpa"])  # ref first: the others report vs_ref
 @pytest.mark.parametrize("shape", list(ATTN_SHAPES))
 def test_attention(benchmark, shape, impl):
+    """cpp: the kernel's AVX-512 tiles where the CPU has them; cpp-avx2: its AVX2 tiles."""
     B, H, L, D, causal = ATTN_SHAPES[shape]
     qkv = torch.randn(B, L, 3 * H * D, generator=_gen(0)).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]  # strided views of the packed projection, as in the model
     fns = {"ref": lambda: ref.attention(q, k, v, causal), "cpp": lambda: cpu_ops.attention(q, k, v, causal),
+           "cpp-avx2": lambda: cpu_ops.attention(q, k, v, causal),
            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
-    _run(benchmark, f"attention: {shape}", impl, fns[impl])
+    _C.set_avx512(impl != "cpp-avx2")
+    try:
+        _run(benchmark, f"attention: {shape}", impl, fns[impl])
+    finally:
+        _C.set_avx512(True)
     flops = 4 * B * H * L * L * D / (2 if causal else 1)
     if _mean(benchmark):
         benchmark.extra_info["gflop_per_s"] = round(flops / _mean(benchmark) / 1e9, 1)
@@ -129,6 +137,38 @@ def test_linear(benchmark, layer, rows, impl):
     _run(benchmark, f"linear {layer}: ViT-B-32 batch {batch}, {rows} rows", impl, lambda: op(x, w, b), rounds=10)
     if _mean(benchmark):
         benchmark.extra_info["gflop_per_s"] = round(2 * rows * K * N / _mean(benchmark) / 1e9, 1)
+
+
+@pytest.fixture(scope="module")
+def vit_b_layer_weights():
+    """12 layers of ViT-B linear weights (qkv, out, fc, proj; 340 MB): more than the caches hold, as in a model."""
+    layers = []
+    for i in range(12):
+        for K, N in LINEARS.values():
+            layers.append((torch.randn(N, K, generator=_gen(i)) / K ** 0.5, torch.randn(N)))
+    return layers
+
+
+@pytest.mark.parametrize("impl", ["ref", "mkl-packed", "kernel"])
+def test_linear_streamed_weights(benchmark, vit_b_layer_weights, impl):
+    """Every linear layer of a 12-layer ViT-B stack at 50 rows (batch 1), one after another, so each
+    weight comes from memory as it does in the model: F.linear, MKL's packed GEMM and the packed-panel
+    kernel (cpu_linear's two paths, called directly)."""
+    if impl == "kernel" and not cpu_linear.KERNEL_AVAILABLE:
+        pytest.skip("this CPU lacks AVX-512F: the cpu backend runs MKL's packed GEMM")
+    xs = {K: torch.randn(50, K, generator=_gen(K)) for K in (768, 3072)}
+    layers = [(xs[w.shape[1]], w, b) for w, b in vit_b_layer_weights]
+    op = {"ref": ref.linear, "mkl-packed": cpu_linear._mkl, "kernel": lambda x, w, b: cpu_linear._kernel(x, w, b, 0)}[impl]
+
+    def stack():
+        for x, w, b in layers:
+            op(x, w, b)
+
+    stack(), stack()  # pack (MKL packs on the second call with the same rows)
+    _run(benchmark, "linear: 12 ViT-B layers streamed from memory, 50 rows", impl, stack, rounds=10)
+    if _mean(benchmark):
+        flops = sum(2 * 50 * w.shape[0] * w.shape[1] for _, w, _ in layers)
+        benchmark.extra_info["gflop_per_s"] = round(flops / _mean(benchmark) / 1e9, 1)
 
 
 # ---------------------------------------------------------------------------------------- whole image tower
