@@ -5,8 +5,9 @@ Two GEMMs, chosen by the number of rows M of x (tokens x batch):
 * M <= KERNEL_MAX_ROWS, on CPUs with AVX-512F: the kernel of csrc/linear.cpp. The weight is packed
   once into 32-column panels (about its own size) and, while one panel is multiplied, the next is
   prefetched into L2. At such M a weight is used by only a few row tiles, so streaming it from memory
-  is what limits MKL here: inside ViT-B-32 (M = 50, 340 MB of weights per image) the kernel reaches about
-  0.85 of the sgemm rate against MKL's 0.65. ``linear_act`` applies the bias and the activation in the
+  is what limits MKL here: over a 12-layer ViT-B stack at M = 50 (340 MB of weights, streamed from
+  memory as in the model) the kernel reaches about 0.87 of the sgemm rate against 0.61 for MKL's packed
+  GEMM (bench/bench_cpu_ops.py, the streamed-weights group). ``linear_act`` applies the bias and the activation in the
   kernel's epilogue -- the same code as ``bias_act`` -- so the MLP's hidden layer is written once.
 * Larger M (or no AVX-512): MKL's packed-weight GEMM (``torch.ops.mkl._mkl_linear`` on a weight
   reordered once by ``_mkl_reorder_linear_weight``), which is faster once each weight is reused by many
