@@ -16,7 +16,7 @@ Two GEMMs, chosen by the number of rows M of x (tokens x batch):
 
 Packs are made on first use and dropped when the weight changes in place or is freed
 (fastclip/weight_packs.py); each costs about as much memory as its weight. FASTCLIP_MKL_PACK=0 turns
-both off (plain F.linear, as the reference). Anything the C++ ops do not take -- other dtypes,
+both off (plain F.linear, as the reference; ``linear_act`` then adds ``bias_act``). Anything the C++ ops do not take -- other dtypes,
 autograd, empty inputs -- runs the reference ops, as everywhere in the cpu backend.
 """
 from __future__ import annotations
@@ -126,7 +126,7 @@ def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, upcast: bool = False):
     """y = x @ weight.T + bias.  x: (..., K), weight: (N, K), bias: (N,) -> (..., N)."""
-    if upcast or not _PACKING or not _takes(x, weight, bias):
+    if upcast or not _takes(x, weight, bias):
         return ref.linear(x, weight, bias, upcast=upcast)
     y = _kernel(x, weight, bias, 0) if _KERNEL else None
     return y if y is not None else _mkl(x, weight, bias)
@@ -136,7 +136,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """act(x @ weight.T + bias).  x: (..., K), weight: (N, K), bias: (N,) or None -> (..., N); act as in
     ``bias_act`` (none / gelu / gelu_tanh / quick_gelu)."""
     code = _ACT_CODES.get(act)
-    if upcast or not _PACKING or code is None or not _takes(x, weight, bias):
+    if upcast or code is None or not _takes(x, weight, bias):
         return ref.linear_act(x, weight, bias, act, upcast=upcast)
     y = _kernel(x, weight, bias, code) if _KERNEL else None
     return y if y is not None else bias_act(_mkl(x, weight, None), bias, act)

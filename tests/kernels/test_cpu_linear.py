@@ -9,7 +9,10 @@ changes repack, freed weights drop theirs, inference tensors are never packed.
 from __future__ import annotations
 
 import gc
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,7 +30,6 @@ needs_kernel = pytest.mark.skipif(not cpu_linear.KERNEL_AVAILABLE,
 
 @pytest.fixture(autouse=True)
 def _fresh_packs(monkeypatch):
-    monkeypatch.setattr(cpu_linear, "_PACKING", True)
     monkeypatch.setattr(cpu_linear, "_KERNEL", cpu_linear.KERNEL_AVAILABLE)
     monkeypatch.setattr(cpu_linear, "_MKL_PACK", cpu_linear.MKL_PACK_AVAILABLE)
     cpu_linear.clear_packed_weights()
@@ -181,3 +183,20 @@ def test_what_the_kernels_do_not_take_runs_the_reference():
         cpu_linear.linear(torch.randn(4, 15), weight, bias)
     with pytest.raises(ValueError, match="activation"):
         cpu_linear.linear_act(x, weight, bias, "relu6")
+
+
+def test_packing_off_runs_the_reference(monkeypatch):
+    """FASTCLIP_MKL_PACK=0 turns both packed paths off: no packs, F.linear (the reference's, bit for bit),
+    and for linear_act the C++ bias_act after it."""
+    probe = "from fastclip import cpu_linear; print(cpu_linear._PACKING, cpu_linear._KERNEL, cpu_linear._MKL_PACK)"
+    env = {**os.environ, "FASTCLIP_MKL_PACK": "0"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "False"]
+    monkeypatch.setattr(cpu_linear, "_KERNEL", False)
+    monkeypatch.setattr(cpu_linear, "_MKL_PACK", False)
+    for rows in (50, 300):
+        x, weight, bias = operands(rows, 64, 96)
+        for _ in range(2):
+            assert torch.equal(cpu_linear.linear(x, weight, bias), ref.linear(x, weight, bias))
+            assert_close(cpu_linear.linear_act(x, weight, bias, "gelu"), exact(x, weight, bias, "gelu"), **tol(64))
+    assert len(cpu_linear._KERNEL_PACKS) == 0 and len(cpu_linear._MKL_PACKS) == 0
