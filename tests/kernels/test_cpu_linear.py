@@ -125,9 +125,14 @@ def test_kernel_results_do_not_depend_on_threads():
     assert torch.equal(one, two)
 
 
-def test_large_batches_run_mkl():
-    """Above KERNEL_MAX_ROWS rows: MKL, packed on the second call with the same M; linear_act adds bias_act."""
+@pytest.mark.parametrize("case", ["above the kernel's rows", "no AVX-512"])
+def test_mkl_path(case, monkeypatch):
+    """Above KERNEL_MAX_ROWS rows, or on a CPU without AVX-512 (simulated): MKL, packed on the second call
+    with the same M; linear_act adds bias_act."""
     M = cpu_linear.KERNEL_MAX_ROWS + 1
+    if case == "no AVX-512":
+        monkeypatch.setattr(cpu_linear, "_KERNEL", False)
+        M = 50
     x, weight, bias = operands(M, 80, 96)
     for act in ("none", "quick_gelu", "quick_gelu"):  # F.linear, then pack, then packed
         assert_close(cpu_linear.linear_act(x, weight, bias, act), exact(x, weight, bias, act), **tol(80))
