@@ -92,7 +92,8 @@ inline float* scratch(std::vector<float>& buf, size_t n) {
   return buf.data();
 }
 
-bool cpu_supported();  // AVX2 and FMA present (module.cpp)
+bool cpu_supported();   // AVX2 and FMA present (module.cpp)
+bool avx512_present();  // AVX-512F (with AVX2 and FMA) present (module.cpp)
 
 }  // namespace fastclip
 

@@ -7,7 +7,8 @@
 
 namespace fastclip {
 
-// AVX-512F present and not switched off (tests switch it off to run the AVX2 path on AVX-512 CPUs).
+// AVX-512F present (avx512_present) and not switched off (tests switch it off to run the AVX2 path on
+// AVX-512 CPUs).
 bool avx512_enabled();
 
 }  // namespace fastclip
@@ -17,7 +18,10 @@ bool avx512_enabled();
 
 namespace fastclip {
 
-inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+// Lanes [0, n) set, n clamped to [0, 16].
+inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
 
 // C[r, 0:16 NV] (+)= sum_k A[r lda + k] * (B0 | B1)[k ldb + 0:16] for r < MR; B0/B1: two column tiles,
 // read and written only in the lanes of m0 / m1.

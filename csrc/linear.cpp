@@ -26,6 +26,7 @@
 
 #include "activation.h"
 #include "common.h"
+#include "gemm512.h"
 
 namespace py = pybind11;
 
@@ -36,11 +37,6 @@ constexpr int64_t kNR = 32;                  // output columns per panel (two zm
 constexpr int kMaxMR = 12;                   // rows per tile
 constexpr int64_t kKC = 256;                 // k per chunk: a panel chunk is kKC x 32 floats (32 KiB)
 constexpr int64_t kBlockBytes = 1 << 20;     // x rows per block: about this many bytes
-
-bool avx512_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 
 int64_t packed_size(int64_t N, int64_t K) { return ceil_div(N, kNR) * kNR * K; }
 
@@ -124,14 +120,13 @@ void tile_rows(int mr, int64_t kc, const float* A, int64_t lda, const float* pan
 template <int ACT>
 void block(const float* x, int64_t sx, const float* packed, const float* bias, float* y, int64_t sy, int64_t N,
            int64_t K, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
-  const int64_t rows = r1 - r0, tiles = ceil_div(rows, kMaxMR), base = rows / tiles, extra = rows % tiles;
+  const int64_t tiles = ceil_div(r1 - r0, kMaxMR);
   const int64_t chunks = ceil_div(K, kKC), panel_floats = kNR * K;
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t k0 = c * K / chunks, kc = (c + 1) * K / chunks - k0;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kNR, valid = std::min<int64_t>(kNR, N - n0);
-      const __mmask16 m0 = valid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
-      const __mmask16 m1 = valid >= 32 ? __mmask16(0xFFFF) : valid > 16 ? __mmask16((1u << (valid - 16)) - 1) : 0;
+      const __mmask16 m0 = mask16(valid), m1 = mask16(valid - 16);
       const float* panel = packed + p * panel_floats + kNR * k0;
       // The chunk after this one, and its size in bytes.
       const char* next = nullptr;
@@ -143,13 +138,13 @@ void block(const float* x, int64_t sx, const float* packed, const float* bias, f
         next = reinterpret_cast<const char*>(packed + p0 * panel_floats + kNR * k1), next_bytes = 4 * kNR * kc1;
       }
       const int64_t share = round_up(ceil_div(next_bytes, tiles), 64);  // bytes of `next` per tile
-      for (int64_t t = 0, r = r0; t < tiles; ++t) {
-        const int mr = static_cast<int>(base + (t < extra));
-        const int64_t off = std::min(t * share, next_bytes);
-        tile_rows<ACT>(mr, kc, x + r * sx + k0, sx, panel, bias ? bias + n0 : nullptr, y + r * sy + n0, sy, m0, m1,
-                       c == 0, c + 1 == chunks, next ? next + off : nullptr, std::min(share, next_bytes - off));
-        r += mr;
-      }
+      int64_t t = 0;  // tile index: which share of `next` this tile prefetches
+      row_tiles(r1 - r0, kMaxMR, [&](int64_t m, int64_t mr) {
+        const int64_t r = r0 + m, off = std::min(t++ * share, next_bytes);
+        tile_rows<ACT>(static_cast<int>(mr), kc, x + r * sx + k0, sx, panel, bias ? bias + n0 : nullptr,
+                       y + r * sy + n0, sy, m0, m1, c == 0, c + 1 == chunks, next ? next + off : nullptr,
+                       std::min(share, next_bytes - off));
+      });
     }
   }
 }
@@ -192,12 +187,12 @@ void pack(const float* w, int64_t ldw, int64_t N, int64_t K, float* out) {
 namespace fastclip {
 
 void bind_linear(py::module_& m) {
-  m.def("linear_supported", &avx512_supported, "True if this CPU runs the packed linear kernel (AVX-512F).");
+  m.def("linear_supported", &avx512_present, "True if this CPU runs the packed linear kernel (AVX-512F).");
   m.def("linear_packed_size", &packed_size, "linear_packed_size(N, K): floats in the pack of an (N, K) weight.");
   m.def(
       "linear_pack",
       [](uintptr_t w, int64_t ldw, int64_t N, int64_t K, uintptr_t out) {
-        if (!avx512_supported()) throw std::runtime_error("linear_pack: this CPU lacks AVX-512F");
+        if (!avx512_present()) throw std::runtime_error("linear_pack: this CPU lacks AVX-512F");
         if (N <= 0 || K <= 0 || ldw < K) throw std::invalid_argument("linear_pack: need N, K > 0 and ldw >= K");
         py::gil_scoped_release release;
         pack(reinterpret_cast<const float*>(w), ldw, N, K, reinterpret_cast<float*>(out));
@@ -208,7 +203,7 @@ void bind_linear(py::module_& m) {
       "linear",
       [](uintptr_t x, int64_t sx, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t sy, int64_t M, int64_t N,
          int64_t K, int act) {
-        if (!avx512_supported()) throw std::runtime_error("linear: this CPU lacks AVX-512F");
+        if (!avx512_present()) throw std::runtime_error("linear: this CPU lacks AVX-512F");
         if (act < kNone || act > kQuickGelu) throw std::invalid_argument("linear: act code must be 0..3");
         if (M < 0 || N <= 0 || K <= 0 || sx < 0 || sy < N) throw std::invalid_argument("linear: bad sizes or strides");
         const auto* xp = reinterpret_cast<const float*>(x);

@@ -108,13 +108,15 @@ namespace {
 std::atomic<bool> avx512_off{false};
 }  // namespace
 
-bool avx512_enabled() {
+bool avx512_present() {
   static const bool has = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
-  return has && !avx512_off.load(std::memory_order_relaxed);
+  return has;
 }
+
+bool avx512_enabled() { return avx512_present() && !avx512_off.load(std::memory_order_relaxed); }
 
 bool set_avx512(bool on) {
   const bool was = avx512_enabled();
