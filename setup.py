@@ -4,7 +4,7 @@ CPU kernels of `csrc/` as the extension `fastclip._C`.
 How `fastclip._C` is built, and why (install with the plain `pip install -e .`):
 
 * pybind11 on raw buffers, no torch at build time. The kernels receive data pointers, sizes and
-  element strides (fastclip/cpu_ops.py checks dtype, device and layout and passes them). So an isolated
+  element strides (fastclip/backends/cpu/ checks dtype, device and layout and passes them). So an isolated
   PEP 517 build needs only setuptools + pybind11 (pyproject.toml), never downloads torch a second time,
   and the extension does not depend on torch's C++ ABI: upgrading torch needs no rebuild.
 * One thread pool, torch's. No OpenMP runtime is linked (no -fopenmp). At the first parallel call the
@@ -14,7 +14,7 @@ How `fastclip._C` is built, and why (install with the plain `pip install -e .`):
   system's libgomp would load beside it, a second pool of spinning threads fighting torch's.
   torch.set_num_threads() sizes the kernels' thread teams as it does torch's own.
 * AVX2 + FMA code only inside `#pragma GCC target("avx2,fma")` regions; the module glue is baseline
-  x86-64, so importing on an older CPU cannot crash and fastclip.cpu_ops declines to load there.
+  x86-64, so importing on an older CPU cannot crash and fastclip.backends.cpu.ops declines to load there.
 * The sources compile in parallel (pybind11's ParallelCompile, one job per core): about 25 s of
   compiling on 2 cores, about 1 min for a whole `pip install -e .` (isolated build environment included).
 * The extension is optional: without a C++17 compiler (or if compiling fails) the install goes on with a
@@ -26,7 +26,7 @@ import os
 import platform
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 
@@ -75,9 +75,12 @@ if csrc_sources and want_ext:
     )
 
 setup(
-    packages=["fastclip", "fastclip.kernels"],
-    package_dir={"fastclip": "fastclip", "fastclip.kernels": "kernels"},
-    package_data={"fastclip": ["model_configs/*.json", "*.txt.gz", "pretrained.json"]},
+    # every package under fastclip/ (found, not listed: a new folder cannot be left out of the wheel), plus
+    # the top-level kernels/ folder as fastclip.kernels
+    packages=find_packages(include=["fastclip", "fastclip.*"]) + ["fastclip.kernels"],
+    package_dir={"fastclip.kernels": "kernels"},
+    package_data={"fastclip": ["py.typed", "_C.pyi"], "fastclip.models": ["configs/*.json"],
+                  "fastclip.data": ["*.txt.gz"], "fastclip.loading": ["pretrained.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": OptionalBuildExt},
 )

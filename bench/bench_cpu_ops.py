@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rate
-from fastclip import _C, cpu_linear, cpu_ops, ref
-from fastclip.ops import compose_linear_act
+from fastclip import _C, ref
+from fastclip.backends.cpu import ops as cpu_ops
+from fastclip.backends.cpu import linear as cpu_linear
+from fastclip.backends.dispatch import compose_linear_act
 
 _REF_MEAN: dict[str, float] = {}
 
@@ -129,7 +131,7 @@ LINEARS = {"qkv 768 -> 2304": (768, 2304), "out 768 -> 768": (768, 768), "mlp 76
 def test_linear(benchmark, layer, rows, impl):
     """F.linear (reference) vs the cpu backend's linear on packed weights (packed during the warm-up
     rounds): the AVX-512 kernel at 50 rows (ViT-B-32, batch 1), MKL's packed GEMM at 1600 (batch 32).
-    The weights are hot in cache here; inside a model they are not (see fastclip/cpu_linear.py)."""
+    The weights are hot in cache here; inside a model they are not (see fastclip/backends/cpu/linear.py)."""
     K, N = LINEARS[layer]
     x, w, b = torch.randn(rows, K, generator=_gen(0)), torch.randn(N, K, generator=_gen(1)), torch.randn(N)
     op = cpu_linear.linear if impl == "cpp" else ref.linear
@@ -178,8 +180,8 @@ def b32_models():
     import open_clip
 
     import fastclip
-    from fastclip import keymaps
-    from fastclip.factory import _build
+    from fastclip.loading import keymaps
+    from fastclip.loading.factory import _build
 
     torch.manual_seed(0)
     oc = open_clip.create_model("ViT-B-32-quickgelu").eval()

@@ -30,8 +30,8 @@ import fastclip  # noqa: E402
 import gpu_bench as gb  # noqa: E402
 import gpu_model as gm  # noqa: E402
 from conftest import rate  # noqa: E402
-from fastclip import keymaps  # noqa: E402
-from fastclip.factory import _build  # noqa: E402
+from fastclip.loading import keymaps  # noqa: E402
+from fastclip.loading.factory import _build  # noqa: E402
 
 BATCH = 256
 IMPLS = ("fastclip-triton", "fastclip-ref", "open_clip")

@@ -6,7 +6,7 @@ The head of every class-token / end-of-text tower (bench/gpu_model.py::workloads
 pooling has no such head): gather the pooled token of (B, L, W) token states, LayerNorm,
 ``@ proj`` (W, E), L2-normalise; B = 256 and 4096 (where the kernel switches to 32/64-row tiles), fp16
 and bf16. Image towers pool the class token through the strided view ``x[:, 0]``, text towers the
-end-of-text position through ``index=``, exactly as fastclip/transformer.py calls the op.
+end-of-text position through ``index=``, exactly as fastclip/models/transformer.py calls the op.
 
 Peers: ``eager`` = ``F.normalize(F.layer_norm(pooled) @ proj)`` in the input dtype (text: pooled =
 ``x[arange(B), index]``); ``ref`` = ``fastclip.ref.normalize_project`` (the ref backend, an fp32

@@ -284,7 +284,7 @@ def _ln_1(fused: bool, M: int, W: int, pending: bool) -> list[Op]:
 
 
 def _block(path: str, B: int, L: int, W: int, H: int, Mw: int, act: str, causal: bool, pending: bool) -> list[Op]:
-    """One pre-norm ResidualAttentionBlock (fastclip/transformer.py, ``apply_split``) on (B, L, W) tokens;
+    """One pre-norm ResidualAttentionBlock (fastclip/models/transformer.py, ``apply_split``) on (B, L, W) tokens;
     its MLP output is added to the stream by the next block's ln_1 (``pending``: this block's ln_1 does)."""
     M, Dh = B * L, W // H
     fused = path == "triton"
@@ -395,7 +395,7 @@ _WORKLOADS = (("ViT-B-32 image", "ViT-B-32", "vision"), ("ViT-B-16 image", "ViT-
 
 def workloads(batch: int = 256) -> list[Workload]:
     """The shapes the benches and tables use, read from fastclip's model configs."""
-    from fastclip.config import get_model_config
+    from fastclip.models.config import get_model_config
 
     out = []
     for label, name, tower in _WORKLOADS:

@@ -136,7 +136,7 @@ ENCODERS = (("ViT-B-32", "image"), ("ViT-B-16", "image"), ("ViT-L-14", "image"),
 
 
 def encoder_ops(name: str, tower: str, batch: int, path: str) -> list[Op]:
-    from fastclip.config import get_model_config
+    from fastclip.models.config import get_model_config
 
     cfg = get_model_config(name)
     if tower == "image":

@@ -1,7 +1,7 @@
 """The peers fastclip is measured against, built for one architecture from ONE set of random weights.
 
 Weights are drawn once by transformers' ``CLIPModel`` (seeded), renamed into fastclip's layout with
-``fastclip.keymaps.from_hf`` and from there into open_clip's (``openclip_state_dict``), so open_clip,
+``fastclip.loading.keymaps.from_hf`` and from there into open_clip's (``openclip_state_dict``), so open_clip,
 open_clip under ``torch.compile``, transformers, ONNX Runtime (the exported open_clip towers, fp32 and
 dynamic int8) and fastclip all compute with the same numbers. Every peer's output is checked against
 open_clip eager on the benchmark's own input the first time it runs (fp32: ``assert_close`` at 1e-4;
@@ -110,7 +110,7 @@ class PeerSet:
         import transformers
 
         import fastclip
-        from fastclip import keymaps
+        from fastclip.loading import keymaps
 
         self.arch = arch
         self.cfg = fastclip.get_model_config(f"{arch}-quickgelu")

@@ -8,7 +8,7 @@
 //
 // Code generation. Everything below the `#pragma GCC target` line is compiled for AVX2 + FMA; the
 // pybind11 glue is compiled for baseline x86-64, so importing fastclip._C on an older CPU cannot fault
-// and fastclip.cpu_ops can refuse to load there (module.cpp: cpu_supported()).
+// and fastclip.backends.cpu can refuse to load there (module.cpp: cpu_supported()).
 #pragma once
 
 #include <algorithm>

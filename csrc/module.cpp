@@ -1,7 +1,7 @@
 // fastclip._C: the pybind11 module. Each op file (csrc/<op>.cpp) contributes a bind_<op>() function.
 //
 // The kernels take raw buffers: data pointers (as integers), sizes and element strides, checked on the
-// Python side (fastclip/cpu_ops.py). No torch headers or libraries are needed to build this.
+// Python side (fastclip/backends/cpu/__init__.py). No torch headers or libraries are needed to build this.
 #include <pybind11/pybind11.h>
 
 #include <dlfcn.h>
@@ -132,7 +132,7 @@ bool cpu_supported() {
 }  // namespace fastclip
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastclip C++ CPU kernels (fp32, AVX2/FMA) on raw buffers; call them through fastclip.cpu_ops";
+  m.doc() = "fastclip C++ CPU kernels (fp32, AVX2/FMA) on raw buffers; call them through fastclip.backends.cpu";
   m.def("cpu_supported", &fastclip::cpu_supported, "True if this CPU has AVX2 and FMA (the kernels need both).");
   m.def("set_avx512", &fastclip::set_avx512,
         "set_avx512(on) -> previous: let kernels with an AVX2 and an AVX-512 variant (attention) use AVX-512 "

@@ -66,7 +66,7 @@ def cmd_embed(args) -> int:
 
 def cmd_models(args) -> int:
     import fastclip
-    from fastclip.hub import pretrained_tags
+    from fastclip.loading.hub import pretrained_tags
 
     for name in fastclip.list_models():
         tags = pretrained_tags(name)
@@ -83,7 +83,7 @@ def cmd_info(args) -> int:
     import torch
 
     import fastclip
-    from fastclip.ops import resolve_backend
+    from fastclip.backends.dispatch import resolve_backend
 
     cuda = torch.cuda.is_available()
     rows = [
@@ -106,7 +106,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from fastclip.verify import main as verify_main
+    from fastclip.backends.verify import main as verify_main
 
     targets = [t.strip() for t in args.gpu_targets.split(",") if t.strip()] if args.gpu_targets else []
     unknown = [t for t in targets if t not in ("sm_80", "sm_90")]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .errors import ItemError
-from .text_batches import plan_batches
+from .data.text_batches import plan_batches
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -46,12 +46,12 @@ def _progress(total: int, enabled: bool, desc: str):
 
 class EmbeddingMixin:
     """Adds embed_images / embed_texts / classify to a model with encode_image/encode_text, its towers
-    ``visual`` / ``text`` and op table ``ops``, a ``preprocess`` (fastclip.preprocess.Preprocess) and a
+    ``visual`` / ``text`` and op table ``ops``, a ``preprocess`` (fastclip.data.preprocess.Preprocess) and a
     ``tokenizer``.
 
     Two exact speed-ups, on by default (set the attribute to False on a model to compare):
     ``fold_pixel_norm``: images are preprocessed to uint8 levels and the pixel mean/std are folded into
-    the patch embedding (fastclip.transformer.fold_pixel_norm) instead of a float normalise pass;
+    the patch embedding (fastclip.models.transformer.fold_pixel_norm) instead of a float normalise pass;
     ``group_texts_by_length``: texts are sorted by token length before batching (a causal text tower
     runs each batch only up to its longest end-of-text), then put back in input order.
     """
@@ -155,7 +155,7 @@ class EmbeddingMixin:
                 out = np.empty((w_stop - w_start, self.cfg.embed_dim), dtype=np.float32)  # (n, E)
                 if order is None:
                     spans = _chunks(w_stop - w_start, batch_size)
-                else:  # sorted: cut into batches of similar length (fastclip/text_batches.py)
+                else:  # sorted: cut into batches of similar length (fastclip/data/text_batches.py)
                     tokens = tokens[order]
                     lengths = (self.text.pool_index(tokens) + 1).tolist()  # (n,) ascending
                     spans = plan_batches(lengths, batch_size)

@@ -17,7 +17,7 @@ accumulation, then the element-wise work happens on the tile in registers.
   on it (``-log sigmoid(label * L)`` with labels +1 on the diagonal, -1 elsewhere).
 
 The functions at the bottom (``clip_lse_``, ``siglip_softplus_sum``) have the contract of their
-namesakes in ``fastclip/loss_blocks.py`` (float64 accumulators folded in place), with the image operand
+namesakes in ``fastclip/losses/blocks.py`` (float64 accumulators folded in place), with the image operand
 unscaled and ``scale`` / ``bias`` as fp32 scalar tensors read by the kernels (no host sync). The
 backward kernels are in ``kernels/contrastive_loss_bwd.py``.
 

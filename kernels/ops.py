@@ -1,4 +1,4 @@
-"""The triton backend's op table (``fastclip.ops.get_ops("triton")`` calls ``op_table()``).
+"""The triton backend's op table (``fastclip.backends.dispatch.get_ops("triton")`` calls ``op_table()``).
 
 Every function has its reference signature (fastclip/ref.py), possibly with extra keyword arguments:
 ``layer_norm(..., residual=None)`` (fused residual add), ``normalize_project(..., index=None)`` (pooled

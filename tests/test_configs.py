@@ -7,13 +7,13 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from fastclip_model_tests import ROOT
+from helpers.upstream import ROOT
 
 import fastclip
-from fastclip import keymaps
-from fastclip.model import CLIP
+from fastclip.loading import keymaps
+from fastclip.models.clip import CLIP
 
-BUILTINS = sorted(p.stem for p in (ROOT / "fastclip" / "model_configs").glob("*.json"))
+BUILTINS = sorted(p.stem for p in (ROOT / "fastclip" / "models" / "configs").glob("*.json"))
 # open_clip's ViT-SO400M-16-SigLIP-i18n-256 has no text projection (proj_type "none", as its timm weights);
 # transformers' SiglipTextModel always has one (text_model.head), and fastclip follows the HF checkpoint.
 KNOWN_PARAM_DIFFERENCES = {"ViT-SO400M-16-SigLIP-i18n-256": 1152 * 1152 + 1152}
@@ -24,6 +24,7 @@ def test_list_models_has_the_usual_names():
     for name in ["ViT-B-32", "ViT-B-32-quickgelu", "ViT-B-16", "ViT-L-14", "ViT-L-14-336-quickgelu", "ViT-H-14",
                  "ViT-g-14", "ViT-bigG-14", "ViT-B-16-SigLIP", "ViT-B-16-SigLIP2", "ViT-SO400M-14-SigLIP"]:
         assert name in names
+    assert len(BUILTINS) >= 50, f"found only {len(BUILTINS)} built-in config files: is the folder right?"
     assert set(BUILTINS) <= names and fastclip.list_models() == sorted(fastclip.list_models())
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastclip.config import ModelConfig, TextConfig, VisionConfig
-from fastclip.model import CLIP
+from fastclip.models.config import ModelConfig, TextConfig, VisionConfig
+from fastclip.models.clip import CLIP
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""fastclip.images: every item kind, every PIL mode, EXIF orientation, errors, threaded batches.
+"""fastclip.data.images: every item kind, every PIL mode, EXIF orientation, errors, threaded batches.
 
 Images are real photographs from scikit-image's bundled data (offline) and PIL-built variants.
 """
@@ -17,7 +17,7 @@ from open_clip.transform import _convert_to_rgb  # the reference RGB conversion 
 from PIL import Image
 
 from fastclip.errors import ImageLoadError
-from fastclip.images import load_image, load_images
+from fastclip.data.images import load_image, load_images
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import fastclip
-from fastclip import quant
-from fastclip.ops import get_ops
-from fastclip_model_tests import EOT, SOT, clip_tokens, make_images
+from fastclip.backends import int8 as quant
+from fastclip.backends.dispatch import get_ops
+from helpers.upstream import EOT, SOT, clip_tokens, make_images
 
 MODEL = "int8-test-ViT-B-32-4-blocks"
 N = 64  # images and texts per batch

@@ -16,11 +16,12 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from fastclip_model_tests import (ROOT, TINY_CONFIGS, Marker, Upstream, assert_matches, clip_tokens,
+from helpers.upstream import (ROOT, TINY_CONFIGS, Marker, Upstream, assert_matches, clip_tokens,
                                   put_in_hub_cache, save_state_dict)
 
 import fastclip
-from fastclip import CheckpointError, FastclipError, UnknownModelError, hub
+from fastclip import CheckpointError, FastclipError, UnknownModelError
+from fastclip.loading import hub
 
 TINY = "tiny-avgpool-quickgelu"
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from open_clip import loss as oc_loss
 
 from fastclip.loss import ClipLoss, LossInputError, SigLipLoss, clip_loss, siglip_loss
-from loss_reference import rel_err, run  # tests/loss_reference.py
+from helpers.loss_reference import rel_err, run
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = 2e-6  # relative error floor for fp32 (sums of thousands of fp32 products)

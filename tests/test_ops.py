@@ -12,7 +12,7 @@ from open_clip.transformer import QuickGELU
 
 import fastclip
 from fastclip import BackendUnavailableError, ref
-from fastclip.ops import OP_NAMES, get_ops, resolve_backend
+from fastclip.backends.dispatch import OP_NAMES, get_ops, resolve_backend
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 TINY = {
@@ -70,7 +70,7 @@ def test_unknown_backend_lists_the_valid_ones():
 
 
 def test_auto_falls_back_to_ref(no_cpp, tiny_name, monkeypatch):
-    monkeypatch.setattr("fastclip.ops._fallback_warned", False)
+    monkeypatch.setattr("fastclip.backends.dispatch._fallback_warned", False)
     with pytest.warns(UserWarning, match="reference ops"):
         assert resolve_backend("auto", "cpu") == "ref"
     assert resolve_backend(None, "cpu") == "ref"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastclip_model_tests import (ATOL, TINY_CONFIGS, assert_matches, clip_tokens, fastclip_from_hf,
+from helpers.upstream import (ATOL, TINY_CONFIGS, assert_matches, clip_tokens, fastclip_from_hf,
                                   fastclip_from_openclip, openclip_upstream)
 
 BATCHES = [1, 3, 5]

@@ -1,4 +1,4 @@
-"""fastclip.preprocess against open_clip (torchvision on PIL) and transformers' image processors.
+"""fastclip.data.preprocess against open_clip (torchvision on PIL) and transformers' image processors.
 
 Measured on this machine (torch 2.14.1, torchvision 0.29.1, Pillow 13, transformers 5.24), max-abs
 difference of the normalised (3, 224, 224) tensors:
@@ -27,8 +27,8 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPImageProcessorPil, SiglipImageProcessor, SiglipImageProcessorPil
 
 from fastclip.errors import ImageLoadError
-from fastclip.images import load_image
-from fastclip.preprocess import (INCEPTION_MEAN, INCEPTION_STD, OPENAI_MEAN, OPENAI_STD, Preprocess,
+from fastclip.data.images import load_image
+from fastclip.data.preprocess import (INCEPTION_MEAN, INCEPTION_STD, OPENAI_MEAN, OPENAI_STD, Preprocess,
                                  PreprocessConfig)
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field", "page", "colorwheel"]

@@ -14,7 +14,7 @@ from PIL import Image
 
 import fastclip
 from fastclip.server import ServerConfig, create_app
-from server_utils import data_uri, metric_samples, noise_image, png_bytes, running_server, wait_ready
+from helpers.server_utils import data_uri, metric_samples, noise_image, png_bytes, running_server, wait_ready
 
 ATOL = 1e-5  # fp32; batching changes GEMM summation order slightly
 

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 import fastclip
 from fastclip.server import create_app
-from server_utils import (SlowModel, batches_above_one, data_uri, metric_samples, noise_image, png_bytes,
+from helpers.server_utils import (SlowModel, batches_above_one, data_uri, metric_samples, noise_image, png_bytes,
                           running_server, wait_ready)
 
 ATOL = 1e-5

@@ -17,11 +17,12 @@ import pytest
 import torch
 
 import fastclip
-from fastclip import BackendUnavailableError, ops
-from fastclip.ops import get_ops, resolve_backend
-from fastclip.preprocess import INCEPTION_MEAN, INCEPTION_STD
-from fastclip.text_batches import plan_batches
-from fastclip_model_tests import register_configs  # tests/conftest.py
+from fastclip import BackendUnavailableError
+from fastclip.backends import dispatch as ops
+from fastclip.backends.dispatch import get_ops, resolve_backend
+from fastclip.data.preprocess import INCEPTION_MEAN, INCEPTION_STD
+from fastclip.data.text_batches import plan_batches
+from helpers.upstream import register_configs
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
@@ -127,7 +128,7 @@ def test_explicit_cpu_without_extension_raises(no_extension, names, name):
 @pytest.mark.parametrize("causal", [True, False])
 def test_pooled_block_equals_the_full_block_rows(backend, causal):
     """apply_pooled == apply_op's rows index[b], for repeated, first and last positions."""
-    from fastclip.transformer import ResidualAttentionBlock
+    from fastclip.models.transformer import ResidualAttentionBlock
 
     torch.manual_seed(0)
     block = ResidualAttentionBlock(64, 2, 128, "gelu", 1e-5)

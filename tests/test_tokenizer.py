@@ -18,7 +18,7 @@ import transformers
 from transformers import AutoTokenizer
 from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
 
-from fastclip.tokenizer import ClipTokenizer, SiglipTokenizer, _clip_vocab, tokenizer_from_dir
+from fastclip.data.tokenizers import ClipTokenizer, SiglipTokenizer, _clip_vocab, tokenizer_from_dir
 
 CORPUS = [
     "", " ", "a photo of a cat", "A PHOTO OF A DOG.", "Hello, World!!", "it's we're they've I'm you'll he'd 'S 'LL",

@@ -3,7 +3,9 @@ import dataclasses
 
 import pytest
 
-from fastclip import ops, ref, verify
+from fastclip import ref
+from fastclip.backends import dispatch as ops
+from fastclip.backends import verify
 from fastclip.cli import main
 
 
@@ -21,8 +23,8 @@ def test_verify_detects_a_wrong_backend(monkeypatch):
         return out
 
     broken = dataclasses.replace(ops.get_ops("ref"), backend="cpu", layer_norm=bad_layer_norm)
-    monkeypatch.setattr("fastclip.model.resolve_backend", lambda backend, device: backend or "ref")
-    monkeypatch.setattr("fastclip.model.get_ops", lambda backend: broken if backend == "cpu" else ops.get_ops("ref"))
+    monkeypatch.setattr("fastclip.models.clip.resolve_backend", lambda backend, device: backend or "ref")
+    monkeypatch.setattr("fastclip.models.clip.get_ops", lambda backend: broken if backend == "cpu" else ops.get_ops("ref"))
     rows = verify.check("cpu", "cpu", "fp32")
     assert rows and not any(r["ok"] for r in rows)
     assert all(max(r["image_err"], r["text_err"]) > 1e-4 for r in rows)

@@ -2,7 +2,7 @@
 
 A reference is a ``data:image/...;base64,`` URI, bare base64, or an ``http(s)`` URL whose host is on
 the operator's allow-list. Nothing here ever opens a local path: references become *bytes* first, and
-only bytes reach ``fastclip.images.load_image``. Every failure is an ``ItemProblem`` naming the item
+only bytes reach ``fastclip.data.images.load_image``. Every failure is an ``ItemProblem`` naming the item
 as ``input[i]`` with the reason; the route answers it with a 4xx.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from ..errors import ImageLoadError
-from ..images import load_image
+from ..data.images import load_image
 from .config import ServerConfig
 
 

@@ -19,12 +19,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import contrastive_loss_ring  # tests/kernels: the ring test's worker, a light module to spawn
-from fastclip import loss_blocks, tolerance
+from fastclip import tolerance
+from fastclip.losses import blocks as loss_blocks
 from fastclip.errors import BackendUnavailableError
 from fastclip.kernels import contrastive_loss as fwd
 from fastclip.kernels import contrastive_loss_bwd as bwd
 from fastclip.loss import ClipLoss, LossInputError, SigLipLoss, clip_loss
-from loss_reference import rel_err, run  # tests/loss_reference.py
+from helpers.loss_reference import rel_err, run
 
 NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 DTYPES = list(NAMES)

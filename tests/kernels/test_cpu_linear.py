@@ -1,4 +1,4 @@
-"""``linear`` / ``linear_act`` of the cpu backend (fastclip/cpu_linear.py): the AVX-512 packed-panel kernel
+"""``linear`` / ``linear_act`` of the cpu backend (fastclip/backends/cpu/linear.py): the AVX-512 packed-panel kernel
 of csrc/linear.cpp (small M) and MKL's packed GEMM (large M), against float64 sums and the reference ops.
 
 Awkward shapes: rows 1..128 around the 12-row tile and the kernel's row limit, columns around the
@@ -21,7 +21,8 @@ from torch.testing import assert_close
 if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
     pytest.skip("fastclip._C is built on Linux x86-64 only", allow_module_level=True)
 
-from fastclip import cpu_linear, ref  # noqa: E402  (an ImportError here: rebuild with `pip install -e .`)
+from fastclip import ref  # noqa: E402
+from fastclip.backends.cpu import linear as cpu_linear  # noqa: E402  (an ImportError here: rebuild with `pip install -e .`)
 
 ACTS = ("none", "gelu", "gelu_tanh", "quick_gelu")
 needs_kernel = pytest.mark.skipif(not cpu_linear.KERNEL_AVAILABLE,
@@ -193,7 +194,7 @@ def test_what_the_kernels_do_not_take_runs_the_reference():
 def test_packing_off_runs_the_reference(monkeypatch):
     """FASTCLIP_MKL_PACK=0 turns both packed paths off: no packs, F.linear (the reference's, bit for bit),
     and for linear_act the C++ bias_act after it."""
-    probe = "from fastclip import cpu_linear; print(cpu_linear._PACKING, cpu_linear._KERNEL, cpu_linear._MKL_PACK)"
+    probe = "from fastclip.backends.cpu import linear as cpu_linear; print(cpu_linear._PACKING, cpu_linear._KERNEL, cpu_linear._MKL_PACK)"
     env = {**os.environ, "FASTCLIP_MKL_PACK": "0"}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False", "False"]

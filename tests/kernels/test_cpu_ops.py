@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (fastclip._C through fastclip.cpu_ops) against the reference ops, fp32.
+"""The C++ CPU kernels (fastclip._C through fastclip.backends.cpu) against the reference ops, fp32.
 
 Awkward shapes: sequence lengths 1/50/77/197/257, head dims 64/72/80/104 and odd ones, widths
 768/1152/1664 and odd ones, causal and not, q/k/v as non-contiguous views of a packed qkv tensor,
@@ -22,9 +22,10 @@ if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", 
     pytest.skip("fastclip._C is built on Linux x86-64 only", allow_module_level=True)
 
 import fastclip  # noqa: E402
-from fastclip_model_tests import register_configs  # noqa: E402  (tests/conftest.py)
-from fastclip import _C, cpu_ops, ref  # noqa: E402  (an ImportError here: rebuild with `pip install -e .`)
-from fastclip.ops import get_ops, resolve_backend  # noqa: E402
+from helpers.upstream import register_configs
+from fastclip import _C, ref  # noqa: E402
+from fastclip.backends.cpu import ops as cpu_ops  # noqa: E402  (an ImportError here: rebuild with `pip install -e .`)
+from fastclip.backends.dispatch import get_ops, resolve_backend  # noqa: E402
 
 ACTS = ("none", "gelu", "gelu_tanh", "quick_gelu")
 

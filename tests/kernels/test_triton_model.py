@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import fastclip
-from fastclip_model_tests import register_configs  # tests/conftest.py
+from helpers.upstream import register_configs
 from fastclip.errors import BackendUnavailableError
-from fastclip.ops import resolve_backend
+from fastclip.backends.dispatch import resolve_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")

@@ -15,7 +15,7 @@ Two GEMMs, chosen by the number of rows M of x (tokens x batch):
   lengths never repack on every call); ``linear_act`` then adds ``bias_act``.
 
 Packs are made on first use and dropped when the weight changes in place or is freed
-(fastclip/weight_packs.py); each costs about as much memory as its weight. FASTCLIP_MKL_PACK=0 turns
+(fastclip/backends/weight_packs.py); each costs about as much memory as its weight. FASTCLIP_MKL_PACK=0 turns
 both off (plain F.linear, as the reference; ``linear_act`` then adds ``bias_act``). Anything the C++ ops do not take -- other dtypes,
 autograd, empty inputs -- runs the reference ops, as everywhere in the cpu backend.
 """
@@ -26,9 +26,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import _C, ref
-from .cpu_ops import _ACT_CODES, _native, _ptr, _unit_last, bias_act
-from .weight_packs import WeightPacks
+from ... import _C, ref
+from ..weight_packs import WeightPacks
+from .bias_act import bias_act
+from .common import ACT_CODES, native, ptr, unit_last
 
 _OFF = ("0", "false", "no", "off")
 MKL_PACK_AVAILABLE = (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
@@ -45,7 +46,7 @@ KERNEL_MAX_ROWS = 128
 # ---------------------------------------------------------------------------------------- the kernel
 def _pack_for_kernel(weight: torch.Tensor) -> torch.Tensor:
     """(N, K) weight -> its 32-column panels (csrc/linear.cpp), a flat fp32 tensor."""
-    w = _unit_last(weight.detach())
+    w = unit_last(weight.detach())
     N, K = w.shape
     packed = torch.empty(_C.linear_packed_size(N, K), dtype=torch.float32)
     _C.linear_pack(w.data_ptr(), w.stride(0), N, K, packed.data_ptr())
@@ -66,11 +67,11 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ac
     packed = _KERNEL_PACKS.get(weight)
     if packed is None:
         return None
-    x2 = _unit_last(x2)
+    x2 = unit_last(x2)
     sx = x2.stride(0) if M > 1 else K  # a single row's stride is arbitrary; 0 (a broadcast row) is fine
     b = None if bias is None else bias.contiguous()
     y = torch.empty((M, N), dtype=torch.float32)
-    _C.linear(x2.data_ptr(), sx, packed.data_ptr(), _ptr(b), y.data_ptr(), N, M, N, K, act)
+    _C.linear(x2.data_ptr(), sx, packed.data_ptr(), ptr(b), y.data_ptr(), N, M, N, K, act)
     return y.view(*x.shape[:-1], N)
 
 
@@ -120,7 +121,7 @@ def clear_packed_weights() -> None:
 # ---------------------------------------------------------------------------------------- the ops
 def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """The C++ path takes these operands (else the reference op runs, and raises for bad shapes)."""
-    return (weight.ndim == 2 and x.ndim >= 1 and x.shape[-1] == weight.shape[1] and _native(x, weight, bias)
+    return (weight.ndim == 2 and x.ndim >= 1 and x.shape[-1] == weight.shape[1] and native(x, weight, bias)
             and (bias is None or bias.shape == weight.shape[:1]))
 
 
@@ -135,7 +136,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool = False):
     """act(x @ weight.T + bias).  x: (..., K), weight: (N, K), bias: (N,) or None -> (..., N); act as in
     ``bias_act`` (none / gelu / gelu_tanh / quick_gelu)."""
-    code = _ACT_CODES.get(act)
+    code = ACT_CODES.get(act)
     if upcast or code is None or not _takes(x, weight, bias):
         return ref.linear_act(x, weight, bias, act, upcast=upcast)
     y = _kernel(x, weight, bias, code) if _KERNEL else None

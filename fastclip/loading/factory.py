@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from . import hub, keymaps, quant
+from ..backends import int8 as quant
+from ..errors import CheckpointError, UnknownModelError
+from ..models.clip import CLIP
+from ..models.config import ModelConfig, PreprocessSpec, get_model_config, list_models, parse_config
+from . import hub, keymaps
 from .checkpoints import read_state_dict
-from .config import ModelConfig, PreprocessSpec, get_model_config, list_models, parse_config
-from .errors import CheckpointError, UnknownModelError
-from .model import CLIP
 
-# "int8": fp32 master weights, linear layers packed as int8 after loading (fastclip/quant.py)
+# "int8": fp32 master weights, linear layers packed as int8 after loading (fastclip/backends/int8.py)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -41,7 +42,7 @@ def _finish(model: CLIP, precision: str, backend: str | None) -> CLIP:
 
 def _attach_io(model: CLIP, tokenizer_dir: Path | None, preprocess_cfg=None) -> CLIP:
     """Give the model its tokenizer and image preprocessing."""
-    from .preprocess import Preprocess, PreprocessConfig
+    from ..data.preprocess import Preprocess, PreprocessConfig
 
     cfg, spec = model.cfg, model.cfg.preprocess
     if preprocess_cfg is None:
@@ -54,11 +55,11 @@ def _attach_io(model: CLIP, tokenizer_dir: Path | None, preprocess_cfg=None) -> 
 
 def _tokenizer_for(cfg: ModelConfig, tokenizer_dir: Path | None):
     if cfg.tokenizer == "clip":
-        from .tokenizer import ClipTokenizer
+        from ..data.tokenizers import ClipTokenizer
 
         return ClipTokenizer(context_length=cfg.text.context_length)
     if tokenizer_dir is not None:
-        from .tokenizer import SiglipTokenizer
+        from ..data.tokenizers import SiglipTokenizer
 
         return SiglipTokenizer.from_dir(tokenizer_dir, context_length=cfg.text.context_length)
     return None  # a random-weight SigLIP model has no tokenizer files; embed_texts says so
@@ -99,7 +100,7 @@ def create_model(name: str, device="cpu", precision: str = "fp32", backend: str 
                  seed: int | None = 0) -> CLIP:
     """A model of a registered architecture with random weights (OpenCLIP's init scheme).
 
-    ``precision``: "fp32", "fp16", "bf16", or "int8" (CPU only: int8 linear layers, see fastclip/quant.py).
+    ``precision``: "fp32", "fp16", "bf16", or "int8" (CPU only: int8 linear layers, see fastclip/backends/int8.py).
     """
     _check_precision(precision, device, backend)
     cfg = get_model_config(name)
@@ -131,7 +132,7 @@ def _read_weights(path: Path, trust: bool) -> dict:
 
 def _load_hf_dir(directory: Path, cfg: ModelConfig | None, device, precision, backend, trust,
                  name: str | None = None) -> CLIP:
-    from .preprocess import PreprocessConfig
+    from ..data.preprocess import PreprocessConfig
 
     hf_cfg = json.loads((directory / "config.json").read_text())
     cfg = cfg or keymaps.config_from_hf(hf_cfg, name or hf_cfg.get("_name_or_path") or directory.name)
@@ -205,7 +206,7 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
     read as data, unless ``trust=True``. ``backend``: "auto", "ref", "cpu" (alias "cpp") or "triton"; None (the
     default) means the ``FASTCLIP_BACKEND`` environment variable if set, else "auto". ``precision``:
     "fp32", "fp16", "bf16", or "int8" (CPU only: the fp32 weights load, then the linear layers are
-    quantised to int8 and pre-packed; see fastclip/quant.py).
+    quantised to int8 and pre-packed; see fastclip/backends/int8.py).
     """
     _check_precision(precision, device, backend)
     name = os.fspath(name_or_path)
@@ -248,7 +249,7 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
 
 def get_tokenizer(name_or_path: str | os.PathLike):
     """The tokenizer of an architecture name, a model directory, or a hub id."""
-    from .tokenizer import ClipTokenizer, tokenizer_from_dir
+    from ..data.tokenizers import ClipTokenizer, tokenizer_from_dir
 
     name = os.fspath(name_or_path)
     if Path(name).is_dir():

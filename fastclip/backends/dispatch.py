@@ -19,8 +19,8 @@ from typing import Callable
 
 import torch
 
-from . import ref
-from .errors import BackendUnavailableError
+from .. import ref
+from ..errors import BackendUnavailableError
 
 BACKENDS = ("ref", "cpu", "triton")
 ALIASES = {"cpp": "cpu"}  # older name of the C++ CPU backend
@@ -77,7 +77,7 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
             return f"the cpu backend runs on CPU tensors, not on {device}"
         try:
             importlib.import_module("fastclip._C")
-            importlib.import_module("fastclip.cpu_ops")
+            importlib.import_module("fastclip.backends.cpu.ops")
         except ImportError as exc:
             return (f"the C++ extension fastclip._C is not available ({exc}); build it with `pip install -e .` "
                     "(needs a C++17 compiler such as g++)")
@@ -142,7 +142,7 @@ def get_ops(backend: str) -> OpTable:
     if backend == "ref":
         return _ref_table()
     if backend == "cpu":
-        return _module_table("cpu", "fastclip.cpu_ops")
+        return _module_table("cpu", "fastclip.backends.cpu.ops")
     if backend == "triton":
         return _module_table("triton", "fastclip.kernels.ops")
     raise BackendUnavailableError(f"unknown backend {backend!r}; expected one of {_EXPECTED}")

@@ -17,11 +17,11 @@ import sys
 
 import torch
 
-from .config import parse_config
-from .errors import BackendUnavailableError
-from .model import CLIP
-from .ops import resolve_backend
-from .tolerance import low_precision_bound
+from ..errors import BackendUnavailableError
+from ..models.clip import CLIP
+from ..models.config import parse_config
+from ..tolerance import low_precision_bound
+from .dispatch import resolve_backend
 
 TINY = {
     "tiny-clip": {
@@ -90,7 +90,7 @@ def check(backend: str, device: str, precision: str) -> list[dict]:
 def _interpreter_rows(precisions) -> list[dict]:
     """The Triton backend on CPU tensors under the interpreter, in a fresh process."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    code = ("import json, sys; from fastclip.verify import check; "
+    code = ("import json, sys; from fastclip.backends.verify import check; "
             f"print(json.dumps([r for p in {list(precisions)!r} for r in check('triton', 'cpu', p)]))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -142,7 +142,7 @@ def main(precisions, interpreter: bool, gpu_targets: list[str]) -> int:
     print(format_rows(rows))
     failed = sum(not r["ok"] for r in rows)
     if gpu_targets:
-        from .kernels import compile_check
+        from ..kernels import compile_check
 
         results = compile_check.compile_all(tuple(gpu_targets))
         compiled = [r for t in gpu_targets for r in results[t]]

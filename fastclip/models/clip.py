@@ -6,10 +6,10 @@ import math
 import torch
 from torch import nn
 
-from . import quant
+from ..backends import int8 as quant
+from ..backends.dispatch import get_ops, resolve_backend
+from ..embed import EmbeddingMixin
 from .config import ModelConfig
-from .embed import EmbeddingMixin
-from .ops import get_ops, resolve_backend
 from .transformer import TextTransformer, VisionTransformer
 
 
@@ -28,7 +28,7 @@ class CLIP(EmbeddingMixin, nn.Module):
         self.text = TextTransformer(cfg.text, cfg.embed_dim)
         self.log_logit_scale = nn.Parameter(torch.empty(()))
         self.logit_bias = nn.Parameter(torch.empty(1)) if cfg.family == "siglip" else None
-        self.int8_weights = None  # fastclip.quant.Int8Weights once the model runs in int8 (fastclip/quant.py)
+        self.int8_weights = None  # fastclip.backends.int8.Int8Weights once the model runs in int8 (fastclip/backends/int8.py)
         self.set_backend(backend)
         self.tokenizer = None
         self.preprocess = None

@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .errors import UnknownModelError
+from ..errors import UnknownModelError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -219,7 +219,7 @@ def _validate(name: str, v: VisionConfig, t: TextConfig) -> None:
 
 
 # ---------------------------------------------------------------- registry of named configs
-_BUILTIN_DIR = Path(__file__).with_name("model_configs")
+_BUILTIN_DIR = Path(__file__).with_name("configs")
 _REGISTRY: dict[str, dict] = {}
 
 

@@ -11,8 +11,8 @@ import functools
 import json
 from pathlib import Path
 
-from .errors import FastclipError, UnknownModelError
-from .version import __version__
+from ..errors import FastclipError, UnknownModelError
+from ..version import __version__
 
 OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 HF_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model*.bin"]

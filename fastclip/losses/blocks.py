@@ -18,8 +18,8 @@ import importlib
 
 import torch
 
-from .errors import BackendUnavailableError
-from .ops import triton_interpret
+from ..backends.dispatch import triton_interpret
+from ..errors import BackendUnavailableError
 
 # exp() of arguments below ~-87 gives float32 denormals, and x86 handles those in microcode: exp_ and the
 # GEMMs fed with such tiles run 5-50x slower. Arguments are clamped at _EXP_FLOOR first, so a tile holds
@@ -200,7 +200,7 @@ class TritonTiles:
     name = "triton"
 
     def __init__(self, img: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, block: int):
-        from .kernels import contrastive_loss, contrastive_loss_bwd
+        from ..kernels import contrastive_loss, contrastive_loss_bwd
 
         self.fwd, self.bwd = contrastive_loss, contrastive_loss_bwd
         self.img, self.scale, self.bias = img, scale, bias

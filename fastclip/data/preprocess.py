@@ -18,7 +18,7 @@ only (torchvision is a test-time dependency):
   processors of transformers 4.x): Pillow resize, floor crop offsets (padding ``ceil`` before), and
   ``(float32(float64(x) * rescale_factor) - mean) / std``.
 
-Images are converted to RGB by ``fastclip.images.load_image`` *before* resizing. open_clip applied
+Images are converted to RGB by ``fastclip.data.images.load_image`` *before* resizing. open_clip applied
 directly to a non-RGB PIL image converts *after* resizing, which differs for some modes (P and 1 are
 then resized with NEAREST, RGBA with premultiplied alpha, I;16 clipped at 255); for L and opaque RGBA
 the two orders agree exactly.
@@ -27,7 +27,7 @@ Every pipeline ends in a uint8 (H, W, 3) array, so normalisation is a per-channe
 table computed once with the reference's own float32 operations (exact by construction).
 ``Preprocess.raw`` / ``batch(..., raw=True)`` stop before it and return uint8 (3, H, W) levels; a vision
 tower given ``pixel_norm`` (= ``Preprocess.pixel_norm``) folds the normalisation into its patch
-embedding instead (fastclip.transformer.fold_pixel_norm), which is what ``embed_images`` does.
+embedding instead (fastclip.models.transformer.fold_pixel_norm), which is what ``embed_images`` does.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ImageLoadError
+from ..errors import ImageLoadError
 from .images import load_image, map_items
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -118,7 +118,7 @@ class PreprocessConfig:
         ``SiglipImageProcessor``; ``backend="pil"`` the ``*ImageProcessorPil`` classes (equal to the
         slow processors of transformers 4.x). Missing keys take the class defaults (SigLIP when
         ``image_processor_type`` mentions Siglip, CLIP otherwise). Alpha is not composited onto white
-        as HF does: fastclip's loader drops it like open_clip (see ``fastclip.images``).
+        as HF does: fastclip's loader drops it like open_clip (see ``fastclip.data.images``).
         """
         d = dict(preprocessor_config)
         if backend not in ("torchvision", "pil"):

@@ -10,8 +10,8 @@ import re
 
 import torch
 
-from .config import INCEPTION_MEAN, INCEPTION_STD, ModelConfig, parse_config
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..models.config import INCEPTION_MEAN, INCEPTION_STD, ModelConfig, parse_config
 
 _TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 # Entries of OpenAI / OpenCLIP files that are not weights.

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageLoadError
+from ..errors import ImageLoadError
 
 DEFAULT_MAX_PIXELS = 178_956_970  # = 2 * PIL.Image.MAX_IMAGE_PIXELS, where Pillow itself refuses
 

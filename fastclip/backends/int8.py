@@ -27,7 +27,7 @@ import weakref
 import torch
 from torch import nn
 
-from .ops import OpTable, compose_linear_act
+from .dispatch import OpTable, compose_linear_act
 
 # fbgemm's int8 kernel without VNNI sums pairs of u8*s8 products in int16, which can saturate; 7-bit
 # activations (reduce_range) avoid it. With VNNI (vpdpbusd) the sums are int32 and all 8 bits are used.
@@ -153,7 +153,7 @@ def _ptr(t: torch.Tensor | None) -> int:
 def _linears(model: nn.Module):
     """(weight, bias) of every linear layer the towers run through ``ops.linear``, as they call it
     (including the q / kv row halves of ``in_proj_weight`` that pooled attention uses)."""
-    from .transformer import Mlp, MultiheadAttention
+    from ..models.transformer import Mlp, MultiheadAttention
 
     for module in model.modules():
         if isinstance(module, MultiheadAttention):

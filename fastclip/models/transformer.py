@@ -1,7 +1,7 @@
-"""Transformer towers, written once; every compute op goes through an OpTable (fastclip/ops.py).
+"""Transformer towers, written once; every compute op goes through an OpTable (fastclip/backends/dispatch.py).
 
 Parameter names follow OpenAI CLIP / OpenCLIP, so their state dicts load without renaming
-(fastclip/keymaps.py maps the Hugging Face layouts onto these names).
+(fastclip/loading/keymaps.py maps the Hugging Face layouts onto these names).
 
 Two exact shortcuts (both can be switched off per tower with ``tower.trim_last_block = False`` and by
 passing normalised pixels, for tests and benchmarks):
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backends.dispatch import OpTable
 from .config import TextConfig, VisionConfig
-from .ops import OpTable
 
 
 class LayerNorm(nn.LayerNorm):

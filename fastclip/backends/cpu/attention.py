@@ -1,0 +1,28 @@
+"""``attention`` of the cpu backend (csrc/attention.cpp)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ... import _C, ref
+from .common import native, unit_last
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, upcast: bool = False):
+    """softmax(q k^T / sqrt(Dh) [+ causal mask]) v.  q: (B, H, Lq, Dh), k/v: (B, H, Lk, Dh) -> (B, H, Lq, Dh).
+
+    The result is a (B, H, Lq, Dh) view of a (B, Lq, H, Dh) buffer, so ``out.transpose(1, 2).reshape(B, Lq,
+    H * Dh)`` (what the model does next) is free.
+    """
+    if upcast or not native(q, k, v) or q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+        return ref.attention(q, k, v, causal=causal, upcast=upcast)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D or (causal and Lq != Lk):
+        return ref.attention(q, k, v, causal=causal)  # raises the reference's error for bad shapes
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    out = torch.empty((B, Lq, H, D), dtype=q.dtype).transpose(1, 2)
+    _C.attention(q.data_ptr(), q.stride()[:3], k.data_ptr(), k.stride()[:3], v.data_ptr(), v.stride()[:3],
+                 out.data_ptr(), out.stride()[:3], B, H, Lq, Lk, D, bool(causal), 1.0 / math.sqrt(D))
+    return out

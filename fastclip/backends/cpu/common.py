@@ -1,0 +1,50 @@
+"""Host-side checks shared by the cpu backend's ops: which tensors the C++ kernels take, and how they are passed.
+
+Importing this module fails with ImportError when ``fastclip._C`` is not built or the CPU lacks AVX2/FMA;
+``backend="auto"`` then falls back to the reference ops (fastclip/backends/dispatch.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import _C
+
+if not _C.cpu_supported():
+    raise ImportError("fastclip._C kernels need a CPU with AVX2 and FMA; this one lacks them")
+
+ACT_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
+
+
+def native(*tensors: torch.Tensor | None) -> bool:
+    """All given tensors are non-empty fp32 strided CPU tensors and no autograd graph is being built."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.layout != torch.strided or t.numel() == 0:
+            return False
+        if grad and t.requires_grad:
+            return False
+    return True
+
+
+def unit_last(t: torch.Tensor) -> torch.Tensor:
+    """t itself if its last dim has unit stride (or size 1), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., D) as a (R, D) tensor with unit stride on D (a view when the layout allows)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return unit_last(x2)
+
+
+def vector(t: torch.Tensor, n: int) -> torch.Tensor | None:
+    """A (n,) parameter as a contiguous vector, or None if it is not (n,)."""
+    if t.ndim != 1 or t.shape[0] != n:
+        return None
+    return t.contiguous()

@@ -1,0 +1,30 @@
+"""``layer_norm`` (+ residual) of the cpu backend (csrc/layer_norm.cpp)."""
+from __future__ import annotations
+
+import torch
+
+from ... import _C, ref
+from .common import native, rows, vector
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               residual: torch.Tensor | None = None, upcast: bool = False):
+    """LayerNorm over the last dim.  x: (..., D), weight/bias: (D,) -> (..., D); with ``residual`` (same
+    shape as x) -> (layer_norm(x + residual), x + residual), the sum computed once."""
+    D = x.shape[-1] if x.ndim else 0
+    w = vector(weight, D) if weight is not None else None
+    b = vector(bias, D) if bias is not None else None
+    if (upcast or w is None or b is None or not native(x, w, b, residual)
+            or (residual is not None and residual.shape != x.shape)):
+        return ref.layer_norm(x, weight, bias, eps, residual=residual, upcast=upcast)
+    x2 = rows(x)
+    y = torch.empty(x.shape, dtype=x.dtype)
+    if residual is None:
+        _C.layer_norm(x2.data_ptr(), x2.stride(0), 0, 0, w.data_ptr(), b.data_ptr(), y.data_ptr(), D, 0, 0,
+                      x2.shape[0], D, float(eps))
+        return y
+    r2 = rows(residual)
+    s = torch.empty(x.shape, dtype=x.dtype)
+    _C.layer_norm(x2.data_ptr(), x2.stride(0), r2.data_ptr(), r2.stride(0), w.data_ptr(), b.data_ptr(), y.data_ptr(),
+                  D, s.data_ptr(), D, x2.shape[0], D, float(eps))
+    return y, s
