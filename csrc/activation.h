@@ -8,6 +8,12 @@ namespace fastclip {
 
 enum Act { kNone = 0, kGelu = 1, kGeluTanh = 2, kQuickGelu = 3 };
 
+// The name of each Act code, in code order. Python reads them through _C.activation_codes() (the names
+// are fastclip.ref's), so the codes are declared here only.
+inline constexpr const char* kActNames[] = {"none", "gelu", "gelu_tanh", "quick_gelu"};
+inline constexpr int kNumActs = sizeof(kActNames) / sizeof(kActNames[0]);
+static_assert(kNumActs == kQuickGelu + 1, "kActNames must name every Act code");
+
 }  // namespace fastclip
 
 #pragma GCC push_options

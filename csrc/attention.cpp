@@ -173,8 +173,10 @@ void bind_attention(py::module_& m) {
                       reinterpret_cast<const float*>(v), c, reinterpret_cast<float*>(out), d, B, H, Lq, Lk, D, causal,
                       scale);
       },
-      "attention(q, q_strides, k, k_strides, v, v_strides, out, out_strides, B, H, Lq, Lk, D, causal, scale): "
-      "fp32 pointers; strides (b, h, l) in elements, unit stride on D.");
+      py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"), py::arg("v_strides"),
+      py::arg("out"), py::arg("out_strides"), py::arg("B"), py::arg("H"), py::arg("Lq"), py::arg("Lk"), py::arg("D"),
+      py::arg("causal"), py::arg("scale"),
+      "softmax(q k^T * scale [+ causal mask]) v on fp32 pointers; strides (b, h, l) in elements, unit stride on D.");
 }
 
 }  // namespace fastclip

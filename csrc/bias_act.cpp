@@ -56,7 +56,7 @@ void bind_bias_act(py::module_& m) {
   m.def(
       "bias_act",
       [](uintptr_t x, int64_t sx, uintptr_t bias, uintptr_t y, int64_t sy, int64_t rows, int64_t N, int act) {
-        if (act < kNone || act > kQuickGelu) throw std::invalid_argument("bias_act: act code must be 0..3");
+        if (act < 0 || act >= kNumActs) throw std::invalid_argument("bias_act: unknown activation code");
         const auto* xp = reinterpret_cast<const float*>(x);
         const auto* bp = reinterpret_cast<const float*>(bias);
         auto* yp = reinterpret_cast<float*>(y);
@@ -68,8 +68,10 @@ void bind_bias_act(py::module_& m) {
           default: bias_act_f32<kQuickGelu>(xp, sx, bp, yp, sy, rows, N); break;
         }
       },
-      "bias_act(x, sx, bias|0, y, sy, rows, N, act): fp32 pointers, row strides in elements; "
-      "act 0 none, 1 gelu (erf), 2 gelu_tanh, 3 quick_gelu; y may equal x (in place).");
+      py::arg("x"), py::arg("sx"), py::arg("bias"), py::arg("y"), py::arg("sy"), py::arg("rows"), py::arg("N"),
+      py::arg("act"),
+      "y = act(x + bias) on fp32 pointers (bias 0: none), row strides in elements; act: a code of "
+      "activation_codes(); y may equal x (in place).");
 }
 
 }  // namespace fastclip

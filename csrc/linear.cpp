@@ -187,24 +187,25 @@ void pack(const float* w, int64_t ldw, int64_t N, int64_t K, float* out) {
 namespace fastclip {
 
 void bind_linear(py::module_& m) {
-  m.def("linear_supported", &avx512_present, "True if this CPU runs the packed linear kernel (AVX-512F).");
-  m.def("linear_packed_size", &packed_size, "linear_packed_size(N, K): floats in the pack of an (N, K) weight.");
+  m.def("linear_supported", &avx512_present,
+        "True if the packed linear kernel runs here (AVX-512F, not disabled by FASTCLIP_DISABLE_AVX512).");
+  m.def("linear_packed_size", &packed_size, py::arg("N"), py::arg("K"), "Floats in the pack of an (N, K) weight.");
   m.def(
       "linear_pack",
       [](uintptr_t w, int64_t ldw, int64_t N, int64_t K, uintptr_t out) {
-        if (!avx512_present()) throw std::runtime_error("linear_pack: this CPU lacks AVX-512F");
+        if (!avx512_present()) throw std::runtime_error("linear_pack: AVX-512F is absent or disabled");
         if (N <= 0 || K <= 0 || ldw < K) throw std::invalid_argument("linear_pack: need N, K > 0 and ldw >= K");
         py::gil_scoped_release release;
         pack(reinterpret_cast<const float*>(w), ldw, N, K, reinterpret_cast<float*>(out));
       },
-      "linear_pack(w, ldw, N, K, out): pack the (N, K) fp32 weight w (rows ldw apart) into out "
-      "(linear_packed_size(N, K) floats).");
+      py::arg("w"), py::arg("ldw"), py::arg("N"), py::arg("K"), py::arg("out"),
+      "Pack the (N, K) fp32 weight w (rows ldw apart) into out (linear_packed_size(N, K) floats).");
   m.def(
       "linear",
       [](uintptr_t x, int64_t sx, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t sy, int64_t M, int64_t N,
          int64_t K, int act) {
-        if (!avx512_present()) throw std::runtime_error("linear: this CPU lacks AVX-512F");
-        if (act < kNone || act > kQuickGelu) throw std::invalid_argument("linear: act code must be 0..3");
+        if (!avx512_present()) throw std::runtime_error("linear: AVX-512F is absent or disabled");
+        if (act < 0 || act >= kNumActs) throw std::invalid_argument("linear: unknown activation code");
         if (M < 0 || N <= 0 || K <= 0 || sx < 0 || sy < N) throw std::invalid_argument("linear: bad sizes or strides");
         const auto* xp = reinterpret_cast<const float*>(x);
         const auto* pp = reinterpret_cast<const float*>(packed);
@@ -218,8 +219,10 @@ void bind_linear(py::module_& m) {
           default: linear_f32<kQuickGelu>(xp, sx, pp, bp, yp, sy, M, N, K); break;
         }
       },
-      "linear(x, sx, packed, bias|0, y, sy, M, N, K, act): y = act(x @ W^T + bias) with W packed by "
-      "linear_pack; fp32 pointers, row strides in elements; act 0 none, 1 gelu, 2 gelu_tanh, 3 quick_gelu.");
+      py::arg("x"), py::arg("sx"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("sy"), py::arg("M"),
+      py::arg("N"), py::arg("K"), py::arg("act"),
+      "y = act(x @ W^T + bias) with W packed by linear_pack (bias 0: none); fp32 pointers, row strides in "
+      "elements; act: a code of activation_codes().");
 }
 
 }  // namespace fastclip

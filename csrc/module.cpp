@@ -7,10 +7,12 @@
 #include <dlfcn.h>
 #include <link.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
 
+#include "activation.h"
 #include "common.h"
 
 namespace py = pybind11;
@@ -108,10 +110,25 @@ namespace {
 std::atomic<bool> avx512_off{false};
 }  // namespace
 
+py::dict activation_codes() {
+  py::dict codes;
+  for (int i = 0; i < kNumActs; ++i) codes[kActNames[i]] = i;
+  return codes;
+}
+
+// FASTCLIP_DISABLE_AVX512=1 (read once, at the first call) makes an AVX-512 CPU run as an AVX2 one:
+// the AVX2 attention tiles, and no packed linear kernel. With the libraries' own switches it lets one
+// machine run the whole test suite as an AVX2-only CPU would (.ci/emulate-avx2).
+bool avx512_disabled_by_env() {
+  const char* v = std::getenv("FASTCLIP_DISABLE_AVX512");
+  return v && *v && std::strcmp(v, "0") != 0;
+}
+
 bool avx512_present() {
   static const bool has = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           !avx512_disabled_by_env();
   }();
   return has;
 }
@@ -134,13 +151,17 @@ bool cpu_supported() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastclip C++ CPU kernels (fp32, AVX2/FMA) on raw buffers; call them through fastclip.backends.cpu";
   m.def("cpu_supported", &fastclip::cpu_supported, "True if this CPU has AVX2 and FMA (the kernels need both).");
-  m.def("set_avx512", &fastclip::set_avx512,
+  m.def("set_avx512", &fastclip::set_avx512, py::arg("on"),
         "set_avx512(on) -> previous: let kernels with an AVX2 and an AVX-512 variant (attention) use AVX-512 "
         "where the CPU has it (on, the default) or always AVX2 (off, for tests). The linear kernel is AVX-512 only.");
   m.def("num_threads", &fastclip::max_threads, "Threads a parallel kernel uses now (torch's OpenMP pool).");
   m.def("team_size", &fastclip::team_size, "Threads in a parallel region of the kernels (a check of the pool).");
   m.def("openmp_runtime", &fastclip::omp_runtime_path,
         "Path of the OpenMP runtime whose pool the kernels use ('' if none is loaded: kernels run serially).");
+  m.def("avx512_present", &fastclip::avx512_present,
+        "True if the CPU has AVX-512F (with AVX2 and FMA) and FASTCLIP_DISABLE_AVX512 is not set.");
+  m.def("activation_codes", &fastclip::activation_codes,
+        "{activation name: code} of the activations the kernels implement (bias_act, linear's epilogue).");
   fastclip::bind_attention(m);
   fastclip::bind_layer_norm(m);
   fastclip::bind_bias_act(m);

@@ -77,8 +77,11 @@ void bind_normalize_project(py::module_& m) {
                               reinterpret_cast<const float*>(proj), sp, E, reinterpret_cast<const float*>(pbias),
                               normalize, reinterpret_cast<float*>(out));
       },
-      "normalize_project(x, B, sxb, sxl, index|0, ln_w, ln_b, eps, W, proj|0, sp, E, proj_bias|0, normalize, out): "
-      "fp32 pointers (index int64), strides in elements; out (B, E) contiguous.");
+      py::arg("x"), py::arg("B"), py::arg("sxb"), py::arg("sxl"), py::arg("index"), py::arg("ln_w"), py::arg("ln_b"),
+      py::arg("eps"), py::arg("W"), py::arg("proj"), py::arg("sp"), py::arg("E"), py::arg("proj_bias"),
+      py::arg("normalize"), py::arg("out"),
+      "LayerNorm -> @ proj (+ proj_bias) -> optional L2 normalisation of pooled rows, on fp32 pointers (index: "
+      "int64 or 0, proj / proj_bias: 0 for none); strides in elements; out (B, E) contiguous.");
 }
 
 }  // namespace fastclip

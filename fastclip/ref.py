@@ -6,11 +6,54 @@ dtype, which is what the tests use to build the fp32 reference for low-precision
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation of ``bias_act`` / ``linear_act`` / the MLPs, by name.
+
+    ``gated``: the input's last dim holds two halves ``[gate, value]`` (..., 2N) and the result is
+    ``fn(gate) * value`` (..., N) -- SwiGLU's packed layout (timm's ``SwiGLUPacked``, ``x.chunk(2)``), so a
+    gated MLP is one ``linear_act`` over a (2N, K) weight, with no op of its own.
+    """
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    gated: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.fn(x)
+        if x.shape[-1] % 2:
+            raise ValueError(f"gated activation {self.name!r} needs an even last dim (gate, value), got {x.shape[-1]}")
+        gate, value = x.chunk(2, dim=-1)
+        return self.fn(gate) * value
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+# Every activation fastclip knows, declared once. Backends implement a subset (the C++ kernels export
+# theirs as _C.activation_codes(), the Triton kernel lists its own) and run the others here.
+ACTIVATION_TABLE: dict[str, Activation] = {a.name: a for a in (
+    Activation("none", lambda x: x),
+    Activation("gelu", F.gelu),
+    Activation("gelu_tanh", lambda x: F.gelu(x, approximate="tanh")),
+    Activation("quick_gelu", _quick_gelu),
+    Activation("swiglu", F.silu, gated=True),
+)}
+ACTIVATIONS = tuple(ACTIVATION_TABLE)
+
+
+def output_width(width: int, act: str) -> int:
+    """Features out of ``act`` for ``width`` features in (half of them for a gated activation)."""
+    return width // 2 if ACTIVATION_TABLE[act].gated else width
 
 
 def _maybe_upcast(upcast: bool, *tensors):
@@ -27,20 +70,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def activation(x: torch.Tensor, act: str) -> torch.Tensor:
-    """Elementwise activation by name (see ACTIVATIONS)."""
-    if act == "none":
-        return x
-    if act == "gelu":
-        return F.gelu(x)
-    if act == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if act == "quick_gelu":
-        return x * torch.sigmoid(1.702 * x)
-    raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+    """Activation by name (see ACTIVATION_TABLE).  x: (..., N) -> (..., N), or (..., N/2) if gated."""
+    if act not in ACTIVATION_TABLE:
+        raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+    return ACTIVATION_TABLE[act](x)
 
 
 def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool = False) -> torch.Tensor:
-    """act(x + bias).  x: (..., N), bias: (N,) or None -> (..., N)."""
+    """act(x + bias).  x: (..., N), bias: (N,) or None -> (..., N), or (..., N/2) for a gated act."""
     dtype = x.dtype
     x, bias = _maybe_upcast(upcast, x, bias)
     if bias is not None:
@@ -51,7 +88,7 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool = False):
     """act(x @ weight.T + bias): ``bias_act(linear(x, weight), bias, act)``, which backends may fuse.
 
-    x: (..., K), weight: (N, K), bias: (N,) or None -> (..., N).
+    x: (..., K), weight: (N, K), bias: (N,) or None -> (..., N), or (..., N/2) for a gated act.
     """
     return bias_act(linear(x, weight, None, upcast=upcast), bias, act, upcast=upcast)
 

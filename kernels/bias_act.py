@@ -30,6 +30,8 @@ import triton.language as tl
 
 from .interpreter import interpret_bf16, interpreting, round_to
 
+# The activations of fastclip.ref.ACTIVATION_TABLE this kernel implements; the triton op table runs the
+# others (the gated ones) as the reference op (kernels/ops.py).
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

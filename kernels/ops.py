@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .bias_act import bias_act
+from .. import ref
+from .bias_act import ACTIVATIONS
+from .bias_act import bias_act as bias_act_kernel
 from .layer_norm import _layer_norm_kernel, layer_norm
 from .normalize_project import normalize_project
 
@@ -29,6 +31,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if upcast and q.dtype != torch.float32:
         return attention_op(q.float(), k.float(), v.float(), causal, key_padding_mask).to(q.dtype)
     return attention_op(q, k, v, causal, key_padding_mask)
+
+
+def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool = False) -> torch.Tensor:
+    """act(x + bias) by the kernel (kernels/bias_act.py); activations it does not implement (the gated ones)
+    run the reference op.  x: (..., N), bias: (N,) or None -> (..., N), or (..., N/2) if gated."""
+    if act not in ACTIVATIONS:
+        return ref.bias_act(x, bias, act, upcast=upcast)
+    return bias_act_kernel(x, bias, act, upcast=upcast)
 
 
 def interpreted() -> bool:

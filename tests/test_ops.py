@@ -147,6 +147,8 @@ ACTS = {
     "gelu_tanh": torch.nn.GELU(approximate="tanh"),
     "quick_gelu": QuickGELU(),  # open_clip's x * sigmoid(1.702 x)
     "none": torch.nn.Identity(),
+    # SwiGLU in timm's packed layout (GluMlp with gate_last=False): silu of the first half times the second
+    "swiglu": lambda x: torch.nn.SiLU()(x[..., : x.shape[-1] // 2]) * x[..., x.shape[-1] // 2:],
 }
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -26,12 +26,12 @@ BACKENDS = ("ref", "cpu", "triton")
 ALIASES = {"cpp": "cpu"}  # older name of the C++ CPU backend
 _EXPECTED = "'auto', 'ref', 'cpu' (alias 'cpp'), 'triton'"
 _fallback_warned = False  # the auto -> ref fallback on a CPU warns once per process
-OP_NAMES = ("linear", "linear_act", "bias_act", "layer_norm", "attention", "normalize_project", "l2_normalize")
 
 
 @dataclass(frozen=True)
 class OpTable:
-    """One backend's implementation of every op in OP_NAMES (signatures as in fastclip/ref.py)."""
+    """One backend's implementation of every op (signatures as in fastclip/ref.py). The fields are the op
+    names (``OP_NAMES``): adding an op is adding a field here and its function to fastclip/ref.py."""
 
     backend: str
     linear: Callable
@@ -41,6 +41,9 @@ class OpTable:
     attention: Callable
     normalize_project: Callable
     l2_normalize: Callable
+
+
+OP_NAMES: tuple[str, ...] = tuple(f.name for f in fields(OpTable) if f.name != "backend")
 
 
 def _ref_table() -> OpTable:

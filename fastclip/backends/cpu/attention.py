@@ -23,6 +23,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         return ref.attention(q, k, v, causal=causal)  # raises the reference's error for bad shapes
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
     out = torch.empty((B, Lq, H, D), dtype=q.dtype).transpose(1, 2)
-    _C.attention(q.data_ptr(), q.stride()[:3], k.data_ptr(), k.stride()[:3], v.data_ptr(), v.stride()[:3],
-                 out.data_ptr(), out.stride()[:3], B, H, Lq, Lk, D, bool(causal), 1.0 / math.sqrt(D))
+    _C.attention(q=q.data_ptr(), q_strides=q.stride()[:3], k=k.data_ptr(), k_strides=k.stride()[:3], v=v.data_ptr(),
+                 v_strides=v.stride()[:3], out=out.data_ptr(), out_strides=out.stride()[:3], B=B, H=H, Lq=Lq, Lk=Lk,
+                 D=D, causal=bool(causal), scale=1.0 / math.sqrt(D))
     return out

@@ -18,5 +18,5 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool 
         return x
     x2 = rows(x)
     y = torch.empty(x.shape, dtype=x.dtype)
-    _C.bias_act(x2.data_ptr(), x2.stride(0), ptr(b), y.data_ptr(), N, x2.shape[0], N, code)
+    _C.bias_act(x=x2.data_ptr(), sx=x2.stride(0), bias=ptr(b), y=y.data_ptr(), sy=N, rows=x2.shape[0], N=N, act=code)
     return y

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from ... import _C
+from ... import _C, ref
 
 if not _C.cpu_supported():
     raise ImportError("fastclip._C kernels need a CPU with AVX2 and FMA; this one lacks them")
 
-ACT_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
+# {activation name: C++ code} of the activations the kernels implement (csrc/activation.h declares them);
+# other activations of fastclip.ref run the reference op.
+ACT_CODES: dict[str, int] = dict(_C.activation_codes())
+_unknown = sorted(set(ACT_CODES) - set(ref.ACTIVATIONS))
+if _unknown:
+    raise ImportError(f"fastclip._C implements activations fastclip.ref does not know: {_unknown}; rebuild it")
 
 
 def native(*tensors: torch.Tensor | None) -> bool:

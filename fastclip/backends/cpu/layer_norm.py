@@ -20,11 +20,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     x2 = rows(x)
     y = torch.empty(x.shape, dtype=x.dtype)
     if residual is None:
-        _C.layer_norm(x2.data_ptr(), x2.stride(0), 0, 0, w.data_ptr(), b.data_ptr(), y.data_ptr(), D, 0, 0,
-                      x2.shape[0], D, float(eps))
+        _C.layer_norm(x=x2.data_ptr(), sx=x2.stride(0), residual=0, sr=0, weight=w.data_ptr(), bias=b.data_ptr(),
+                      y=y.data_ptr(), sy=D, s_out=0, ss=0, rows=x2.shape[0], D=D, eps=float(eps))
         return y
     r2 = rows(residual)
     s = torch.empty(x.shape, dtype=x.dtype)
-    _C.layer_norm(x2.data_ptr(), x2.stride(0), r2.data_ptr(), r2.stride(0), w.data_ptr(), b.data_ptr(), y.data_ptr(),
-                  D, s.data_ptr(), D, x2.shape[0], D, float(eps))
+    _C.layer_norm(x=x2.data_ptr(), sx=x2.stride(0), residual=r2.data_ptr(), sr=r2.stride(0), weight=w.data_ptr(),
+                  bias=b.data_ptr(), y=y.data_ptr(), sy=D, s_out=s.data_ptr(), ss=D, rows=x2.shape[0], D=D,
+                  eps=float(eps))
     return y, s

@@ -48,8 +48,8 @@ def _pack_for_kernel(weight: torch.Tensor) -> torch.Tensor:
     """(N, K) weight -> its 32-column panels (csrc/linear.cpp), a flat fp32 tensor."""
     w = unit_last(weight.detach())
     N, K = w.shape
-    packed = torch.empty(_C.linear_packed_size(N, K), dtype=torch.float32)
-    _C.linear_pack(w.data_ptr(), w.stride(0), N, K, packed.data_ptr())
+    packed = torch.empty(_C.linear_packed_size(N=N, K=K), dtype=torch.float32)
+    _C.linear_pack(w=w.data_ptr(), ldw=w.stride(0), N=N, K=K, out=packed.data_ptr())
     return packed
 
 
@@ -71,7 +71,8 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ac
     sx = x2.stride(0) if M > 1 else K  # a single row's stride is arbitrary; 0 (a broadcast row) is fine
     b = None if bias is None else bias.contiguous()
     y = torch.empty((M, N), dtype=torch.float32)
-    _C.linear(x2.data_ptr(), sx, packed.data_ptr(), ptr(b), y.data_ptr(), N, M, N, K, act)
+    _C.linear(x=x2.data_ptr(), sx=sx, packed=packed.data_ptr(), bias=ptr(b), y=y.data_ptr(), sy=N, M=M, N=N, K=K,
+              act=act)
     return y.view(*x.shape[:-1], N)
 
 

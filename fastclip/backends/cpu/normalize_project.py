@@ -42,6 +42,7 @@ def normalize_project(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.T
         sxl = x.stride(1)
     p = unit_last(proj) if proj is not None else None
     out = torch.empty((B, E), dtype=x.dtype)
-    _C.normalize_project(x.data_ptr(), B, x.stride(0), sxl, ptr(idx), w.data_ptr(), b.data_ptr(), float(eps), W,
-                         ptr(p), p.stride(0) if p is not None else 0, E, ptr(pb), bool(normalize), out.data_ptr())
+    _C.normalize_project(x=x.data_ptr(), B=B, sxb=x.stride(0), sxl=sxl, index=ptr(idx), ln_w=w.data_ptr(),
+                         ln_b=b.data_ptr(), eps=float(eps), W=W, proj=ptr(p), sp=p.stride(0) if p is not None else 0,
+                         E=E, proj_bias=ptr(pb), normalize=bool(normalize), out=out.data_ptr())
     return out
