@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from conftest import rate
 from fastclip import _C, ref
-from fastclip.backends.cpu import ops as cpu_ops
 from fastclip.backends.cpu import linear as cpu_linear
+from fastclip.backends.cpu import ops as cpu_ops
 from fastclip.backends.dispatch import compose_linear_act
 
 _REF_MEAN: dict[str, float] = {}

@@ -80,6 +80,6 @@ def test_interleaved_ratios_to_ort_int8(peers, pixels, capsys):
         with capsys.disabled():
             print(f"\n{tower} ({items} items), speed vs ort-int8 over {rounds} interleaved rounds:")
             for impl, times in seconds.items():
-                ratios = sorted(b / t for b, t in zip(base, times))
+                ratios = sorted(b / t for b, t in zip(base, times, strict=True))
                 print(f"  {impl:14} median {statistics.median(ratios):.2f}x (min {ratios[0]:.2f}, max {ratios[-1]:.2f}), "
                       f"{items / statistics.median(times):.1f} items/s; {peers.info.get(f'{impl} {tower}', '')}")

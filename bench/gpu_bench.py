@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import contextlib
 
-from gpu_model import total
-
 
 def record(benchmark, ours, peers: dict, flops: float, nbytes: float, graph: bool = False, warmup: int = 25,
            rep: int = 100) -> dict:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from gpu_model import (  # noqa: E402
     EXPECTED,
-    Efficiency,
     GPU,
     GPUS,
-    Op,
     SASS_INSTR,
+    Efficiency,
+    Op,
     attention,
     attention_tile,
     bias_act,
@@ -222,7 +222,8 @@ def update_doc(path: Path) -> list[str]:
         start, end = f"<!-- gpu-model:{name}:start -->", f"<!-- gpu-model:{name}:end -->"
         pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
         if pattern.search(text):
-            text = pattern.sub(lambda _m: f"{start}\n{fn()}\n{end}", text)
+            block = f"{start}\n{fn()}\n{end}"
+            text = pattern.sub(lambda _m, block=block: block, text)  # a function: no escapes read in the block
             done.append(name)
     path.write_text(text)
     return done

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastclip.loss import ClipLoss  # noqa: E402

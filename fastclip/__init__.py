@@ -4,11 +4,18 @@
     vectors = model.embed_images(["cat.jpg", "dog.png"])      # (2, 512) float32, L2-normalised
 """
 from . import loss
-from .models.config import add_model_config, get_model_config, list_models
-from .errors import BackendUnavailableError, CheckpointError, FastclipError, ImageLoadError, ItemError, UnknownModelError
+from .errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    FastclipError,
+    ImageLoadError,
+    ItemError,
+    UnknownModelError,
+)
 from .loading.factory import create_model, get_tokenizer, load
 from .loading.hub import list_pretrained
 from .models.clip import CLIP
+from .models.config import add_model_config, get_model_config, list_models
 from .version import __version__
 
 __all__ = [

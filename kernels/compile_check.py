@@ -219,7 +219,7 @@ def compile_all(targets=tuple(TARGETS), modules=KERNEL_MODULES) -> dict[str, lis
             return json.loads(out.read_text())[target]
 
     with ThreadPoolExecutor(len(targets)) as pool:
-        return dict(zip(targets, pool.map(run, targets)))
+        return dict(zip(targets, pool.map(run, targets), strict=True))
 
 
 def format_table(rows: list[dict]) -> str:

@@ -27,14 +27,15 @@ Every pipeline ends in a uint8 (H, W, 3) array, so normalisation is a per-channe
 table computed once with the reference's own float32 operations (exact by construction).
 ``Preprocess.raw`` / ``batch(..., raw=True)`` stop before it and return uint8 (3, H, W) levels; a vision
 tower given ``pixel_norm`` (= ``Preprocess.pixel_norm``) folds the normalisation into its patch
-embedding instead (fastclip.models.transformer.fold_pixel_norm), which is what ``embed_images`` does.
+embedding instead (fastclip.models.vit.fold_pixel_norm), which is what ``embed_images`` does.
 """
 
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,7 +112,7 @@ class PreprocessConfig:
         return (s, s) if isinstance(s, int) else s
 
     @classmethod
-    def from_hf(cls, preprocessor_config: dict, *, backend: str = "torchvision") -> "PreprocessConfig":
+    def from_hf(cls, preprocessor_config: dict, *, backend: str = "torchvision") -> PreprocessConfig:
         """Build from a Hugging Face ``preprocessor_config.json`` (CLIP / SigLIP image processors).
 
         ``backend="torchvision"`` reproduces transformers >= 5's default ``CLIPImageProcessor`` /

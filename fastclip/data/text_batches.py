@@ -6,6 +6,7 @@ layer). ``plan_batches`` picks the cuts that minimise that cost exactly.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 # The fixed cost of one encoder call, in token rows. On 2 cores, ViT-B-32's text tower runs a large batch
@@ -26,7 +27,7 @@ def plan_batches(sorted_lengths: list[int], batch_size: int,
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if any(a > b for a, b in zip(sorted_lengths, sorted_lengths[1:])):
+    if any(a > b for a, b in itertools.pairwise(sorted_lengths)):
         raise ValueError("plan_batches expects lengths in ascending order")
     n = len(sorted_lengths)
     run_starts = [i for i in range(n) if i == 0 or sorted_lengths[i] != sorted_lengths[i - 1]]

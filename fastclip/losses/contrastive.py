@@ -33,7 +33,6 @@ sends each text block's gradient accumulator along with it, so it arrives home a
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -153,7 +152,7 @@ class _Ring:
                 current, owner = pending[0], (owner - 1) % self.world
 
 
-def _check_world(ring: _Ring, rank: Optional[int], world_size: Optional[int]) -> None:
+def _check_world(ring: _Ring, rank: int | None, world_size: int | None) -> None:
     if world_size is not None and world_size != ring.world:
         if world_size > 1 and ring.world == 1:
             raise LossInputError(f"world_size={world_size} but torch.distributed is not initialised")
@@ -331,8 +330,8 @@ class ClipLoss(nn.Module):
     ``backend`` is "auto", "torch" or "triton" (module docstring)."""
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, cache_labels: bool = False,
-                 rank: Optional[int] = None, world_size: Optional[int] = None, use_horovod: bool = False, *,
-                 block_size: Optional[int] = None, group=None, check_finite: bool = True, backend: str = "auto"):
+                 rank: int | None = None, world_size: int | None = None, use_horovod: bool = False, *,
+                 block_size: int | None = None, group=None, check_finite: bool = True, backend: str = "auto"):
         super().__init__()
         if local_loss:
             raise LossInputError("local_loss=True is not supported: fastclip's ClipLoss computes the global "
@@ -359,8 +358,8 @@ class SigLipLoss(nn.Module):
     accepted for compatibility; every choice gives the same loss and gradients. ``block_size`` and
     ``backend`` as for ``ClipLoss``."""
 
-    def __init__(self, cache_labels: bool = False, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 dist_impl: Optional[str] = None, *, block_size: Optional[int] = None, group=None,
+    def __init__(self, cache_labels: bool = False, rank: int | None = None, world_size: int | None = None,
+                 dist_impl: str | None = None, *, block_size: int | None = None, group=None,
                  check_finite: bool = True, backend: str = "auto"):
         super().__init__()
         if (dist_impl or "bidir") not in ("bidir", "shift", "reduce", "gather"):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ class MicroBatcher:
         self.start()
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
-        self._queue.extend(zip(items, futures))
+        self._queue.extend(zip(items, futures, strict=True))
         self._depth()
         self._wake.set()
         try:
@@ -147,7 +148,7 @@ class MicroBatcher:
             for one in batch:  # isolate the failing item, so other requests still get their rows
                 await self._run_batch([one], retry=True)
             return
-        for (_, fut), row in zip(batch, rows):
+        for (_, fut), row in zip(batch, rows, strict=True):  # _encode checked the count
             if not fut.done():
                 fut.set_result(row)
 

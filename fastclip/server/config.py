@@ -52,7 +52,7 @@ class ServerConfig:
             raise ValueError("ServerConfig.api_key must be None or a non-empty string")
         object.__setattr__(self, "allow_url_hosts", tuple(h.strip().lower() for h in self.allow_url_hosts if h.strip()))
 
-    def updated(self, **changes) -> "ServerConfig":
+    def updated(self, **changes) -> ServerConfig:
         """A copy with some fields changed; unknown names raise TypeError naming them."""
         known = {f.name for f in fields(self)}
         unknown = sorted(set(changes) - known)

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from ..errors import ImageLoadError
 from ..data.images import load_image
+from ..errors import ImageLoadError
 from .config import ServerConfig
 
 
@@ -132,11 +132,11 @@ async def load_request_images(refs: list[tuple[int, str]], cfg: ServerConfig, cl
     """[(index in input, reference)] -> decoded images in the same order. Decoding runs in threads,
     off the event loop; the first bad item (lowest index) raises its ItemProblem."""
     blobs = await asyncio.gather(*(image_bytes(ref, i, cfg, client) for i, ref in refs), return_exceptions=True)
-    for (i, _), blob in zip(refs, blobs):
+    for blob in blobs:
         if isinstance(blob, BaseException):
             raise blob
 
     def decode_all():
-        return [decode_image(blob, i, cfg) for (i, _), blob in zip(refs, blobs)]
+        return [decode_image(blob, i, cfg) for (i, _), blob in zip(refs, blobs, strict=True)]
 
     return await asyncio.to_thread(decode_all)
