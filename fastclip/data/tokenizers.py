@@ -33,7 +33,49 @@ import sentencepiece as spm
 import torch
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 
-__all__ = ["ClipTokenizer", "SiglipTokenizer", "tokenizer_from_dir"]
+from ..errors import FastclipError
+
+__all__ = ["ClipTokenizer", "SiglipTokenizer", "tokenizer_from_dir", "MissingTokenizerError"]
+
+
+class MissingTokenizerError(FastclipError, RuntimeError):
+    """Texts were given to a model that has no tokenizer (a SigLIP directory without tokenizer files, or a
+    randomly initialised SigLIP model). The message says which files are missing and how to add them."""
+
+
+# What a SigLIP / SigLIP 2 directory's tokenizer is read from (as transformers' SiglipTokenizer /
+# Siglip2Tokenizer do): the vocabulary, then the special tokens and settings.
+SIGLIP_VOCAB_FILES = ("spiece.model", "tokenizer.json")
+SIGLIP_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def has_siglip_vocab(path) -> bool:
+    """Whether ``path`` holds a SigLIP (spiece.model) or SigLIP 2 (tokenizer.json) vocabulary."""
+    return any(os.path.isfile(os.path.join(os.fspath(path), f)) for f in SIGLIP_VOCAB_FILES)
+
+
+def siglip_tokenizer_help(path, repo_id: str | None = None, for_model: bool = True) -> str:
+    """Which tokenizer files ``path`` lacks, and how to add them (``repo_id``: the hub repo it came from;
+    ``for_model``: the directory is a loaded model's, which can also be given a tokenizer from elsewhere)."""
+    path = os.fspath(path)
+    missing = [] if has_siglip_vocab(path) else [" or ".join(SIGLIP_VOCAB_FILES)]
+    missing += [f for f in SIGLIP_CONFIG_FILES if not os.path.isfile(os.path.join(path, f))]
+    repo = repo_id or "<hub repo of the model>"
+    files = " ".join((*SIGLIP_VOCAB_FILES, *SIGLIP_CONFIG_FILES))
+    return (f"{path} has no tokenizer files: missing {', '.join(missing)} (spiece.model for SigLIP or "
+            f"tokenizer.json for SigLIP 2, with tokenizer_config.json and special_tokens_map.json). Copy them "
+            f"into the directory from the model's hub repo, e.g. `hf download {repo} {files} --local-dir {path}` "
+            f"(files the repo does not have are skipped)"
+            + (", or set model.tokenizer = fastclip.get_tokenizer(<directory with those files, or hub id>)"
+               if for_model else ", or pass a directory that has them"))
+
+
+def no_tokenizer_message(model, what: str = "embed texts") -> str:
+    """Why ``model`` (whose ``tokenizer`` is None) cannot ``what``, and how to give it a tokenizer."""
+    why = getattr(model, "tokenizer_missing", None) or (
+        "it was created without tokenizer files (a randomly initialised SigLIP model has none); set "
+        "model.tokenizer = fastclip.get_tokenizer(<model directory or hub id>)")
+    return f"this model has no tokenizer, so it cannot {what}: {why}"
 
 _BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 _N_MERGES = 49152 - 256 - 2  # open_clip keeps lines [1, 48895) of the merges file
@@ -45,7 +87,7 @@ _WORDS = regex.compile(
 _MAX_CACHED_WORDS = 1 << 17
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP reversible map from the 256 byte values to printable unicode characters."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -55,10 +97,10 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _clip_vocab() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """(tokens in id order: 49408, merges in rank order: 48894), parsed once per process."""
     with gzip.open(_BPE_PATH) as f:
@@ -121,7 +163,7 @@ class ClipTokenizer:
                 cache = self._cache = {}
                 new = list({w for ws in words for w in ws})
             fn = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-            for w, e in zip(new, fn([[w] for w in new], is_pretokenized=True, add_special_tokens=False)):
+            for w, e in zip(new, fn([[w] for w in new], is_pretokenized=True, add_special_tokens=False), strict=True):
                 cache[w] = e.ids
             cache[_SOT], cache[_EOT] = [self.sot_token_id], [self.eot_token_id]  # open_clip maps these words
         out = []
@@ -149,7 +191,7 @@ class ClipTokenizer:
         if length < 1:
             raise ValueError(f"context_length must be >= 1, got {length}")
         out = np.zeros((len(texts), length), dtype=np.int64)
-        for row, ids in zip(out, self._encode_many(texts)):
+        for row, ids in zip(out, self._encode_many(texts), strict=True):
             toks = [self.sot_token_id, *ids, self.eot_token_id]
             if len(toks) > length:  # as open_clip: cut, then the last kept position becomes eot
                 toks = toks[:length]
@@ -251,7 +293,7 @@ class _SentencePieceText:
         out: list = [None] * len(texts)
         fast = [i for i, t in enumerate(texts) if not self.split_re.search(t)]
         ids = self.sp.encode([self.unk + self._canon(texts[i]) for i in fast], out_type=int)
-        for i, seq in zip(fast, ids):
+        for i, seq in zip(fast, ids, strict=True):
             out[i] = seq[self.unk_len :] if len(seq) >= self.unk_len else seq
         for i, t in enumerate(texts):
             if out[i] is None:
@@ -326,10 +368,10 @@ class SiglipTokenizer:
             self._configured = None
             self._lock = threading.Lock()
         else:
-            raise FileNotFoundError(f"{path}: no SigLIP tokenizer files (expected spiece.model or tokenizer.json)")
+            raise FileNotFoundError(siglip_tokenizer_help(path, for_model=False))
 
     @classmethod
-    def from_dir(cls, path, context_length: int = 64, *, lowercase: bool | None = None) -> "SiglipTokenizer":
+    def from_dir(cls, path, context_length: int = 64, *, lowercase: bool | None = None) -> SiglipTokenizer:
         """Tokenizer of a Hugging Face SigLIP / SigLIP 2 directory. ``lowercase`` (default: as
         transformers) overrides ``do_lower_case`` (spiece.model) or whether a Lowercase normalizer is put
         in front of tokenizer.json's (transformers does so exactly when it loads ``Siglip2Tokenizer``)."""
@@ -355,7 +397,7 @@ class SiglipTokenizer:
         out = np.full((len(texts), length), self.pad_token_id, dtype=np.int64)
         if self._sp is not None:
             rows = [self._sp.finish(ids, length, self._trunc_left) for ids in self._sp.encode_batch(texts)]
-            for row, ids in zip(out, rows):  # len(ids) <= length
+            for row, ids in zip(out, rows, strict=True):  # len(ids) <= length
                 if self._pad_left:
                     row[length - len(ids):] = ids
                 else:

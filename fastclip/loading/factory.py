@@ -11,7 +11,7 @@ import torch
 from ..backends import int8 as quant
 from ..errors import CheckpointError, UnknownModelError
 from ..models.clip import CLIP
-from ..models.config import ModelConfig, PreprocessSpec, get_model_config, list_models, parse_config
+from ..models.config import ModelConfig, get_model_config, list_models, parse_config
 from . import hub, keymaps
 from .checkpoints import read_state_dict
 
@@ -40,8 +40,9 @@ def _finish(model: CLIP, precision: str, backend: str | None) -> CLIP:
     return model.set_backend(backend)
 
 
-def _attach_io(model: CLIP, tokenizer_dir: Path | None, preprocess_cfg=None) -> CLIP:
-    """Give the model its tokenizer and image preprocessing."""
+def _attach_io(model: CLIP, tokenizer_dir: Path | None, preprocess_cfg=None, repo_id: str | None = None) -> CLIP:
+    """Give the model its tokenizer and image preprocessing. A SigLIP directory without tokenizer files
+    loads with ``tokenizer`` None and ``tokenizer_missing`` saying which files to add (embed_texts raises it)."""
     from ..data.preprocess import Preprocess, PreprocessConfig
 
     cfg, spec = model.cfg, model.cfg.preprocess
@@ -50,6 +51,10 @@ def _attach_io(model: CLIP, tokenizer_dir: Path | None, preprocess_cfg=None) -> 
                                           spec.resize_mode, spec.interpolation)
     model.preprocess = Preprocess(preprocess_cfg)
     model.tokenizer = _tokenizer_for(cfg, tokenizer_dir)
+    if model.tokenizer is None and tokenizer_dir is not None:
+        from ..data.tokenizers import siglip_tokenizer_help
+
+        model.tokenizer_missing = siglip_tokenizer_help(tokenizer_dir, repo_id)
     return model
 
 
@@ -59,10 +64,11 @@ def _tokenizer_for(cfg: ModelConfig, tokenizer_dir: Path | None):
 
         return ClipTokenizer(context_length=cfg.text.context_length)
     if tokenizer_dir is not None:
-        from ..data.tokenizers import SiglipTokenizer
+        from ..data.tokenizers import SiglipTokenizer, has_siglip_vocab
 
-        return SiglipTokenizer.from_dir(tokenizer_dir, context_length=cfg.text.context_length)
-    return None  # a random-weight SigLIP model has no tokenizer files; embed_texts says so
+        if has_siglip_vocab(tokenizer_dir):  # save_pretrained of a SiglipModel alone writes none
+            return SiglipTokenizer.from_dir(tokenizer_dir, context_length=cfg.text.context_length)
+    return None  # no tokenizer files (or a random-weight SigLIP model); embed_texts says so
 
 
 def _check_keys(model: CLIP, sd: dict, source: str) -> None:
@@ -141,7 +147,7 @@ def _load_hf_dir(directory: Path, cfg: ModelConfig | None, device, precision, ba
     model = _build(cfg, sd, str(weights), device, precision, backend)
     pre_file = directory / "preprocessor_config.json"
     pre = PreprocessConfig.from_hf(json.loads(pre_file.read_text())) if pre_file.is_file() else None
-    return _attach_io(model, directory, pre)
+    return _attach_io(model, directory, pre, name)  # name: the hub id the directory came from, if any
 
 
 def _load_openclip_dir(directory: Path, device, precision, backend, trust, name: str | None = None) -> CLIP:
@@ -242,7 +248,8 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
         cfg = replace(cfg, preprocess=replace(cfg.preprocess, **{k: tuple(v) if isinstance(v, list) else v
                                                                  for k, v in entry["preprocess"].items()}))
     if entry["format"] == "hf":
-        return _load_hf_dir(hub.download_repo(entry["hf_hub"]), cfg, device, precision, backend, trust)
+        return _load_hf_dir(hub.download_repo(entry["hf_hub"]), cfg, device, precision, backend, trust,
+                            entry["hf_hub"])
     weights = hub.download_openclip_weights(entry["hf_hub"])
     return _from_state_dict(cfg, read_state_dict(weights, trust=trust), str(weights), device, precision, backend)
 

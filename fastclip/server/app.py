@@ -12,6 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..data.tokenizers import no_tokenizer_message
 from .config import ServerConfig
 from .errors import APIError, error_response, install_error_handlers
 from .inputs import load_request_images
@@ -147,8 +148,7 @@ def _v1_routes(state: ServiceState) -> APIRouter:
         texts = [(i, it.value) for i, it in enumerate(items) if it.kind == "text"]
         refs = [(i, it.value) for i, it in enumerate(items) if it.kind == "image"]
         if texts and st.model.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer, so it cannot embed texts", param="input",
-                           code="no_tokenizer")
+            raise APIError(400, no_tokenizer_message(st.model, "embed texts"), param="input", code="no_tokenizer")
         for i, text in texts:
             if len(text) > cfg.max_text_chars:
                 raise APIError(413, f"input[{i}]: text has {len(text)} characters; the limit is "
@@ -177,7 +177,7 @@ def _v1_routes(state: ServiceState) -> APIRouter:
             raise APIError(413, f"labels x templates = {n_prompts} prompts; the limit is {cfg.max_labels}",
                            param="labels", code="too_many_labels")
         if st.model.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer, so it cannot classify", code="no_tokenizer")
+            raise APIError(400, no_tokenizer_message(st.model, "classify"), code="no_tokenizer")
         _check_room(st, 0, len(req.input))
         images = await load_request_images([(i, it.value) for i, it in enumerate(req.input)], cfg, st.http)
         weights = await st.class_weights(req.labels, req.templates)
