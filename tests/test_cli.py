@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import fastclip
+from fastclip import tolerance
 from fastclip.cli import main
 
 
@@ -49,7 +50,7 @@ def test_embed_npy_and_parquet(checkpoint, image_dir, tmp_path, capsys):
     assert main(["embed", str(image_dir), "--model", str(checkpoint), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "broken.png" in err and "1 skipped" in err
-    np.testing.assert_allclose(np.load(out), expected, atol=1e-6)
+    np.testing.assert_allclose(np.load(out), expected, atol=tolerance.REPEAT_ATOL)
     assert out.with_suffix(".paths.txt").read_text().split() == good
 
     import pyarrow.parquet as pq
@@ -58,7 +59,8 @@ def test_embed_npy_and_parquet(checkpoint, image_dir, tmp_path, capsys):
     assert main(["embed", *good, "--model", str(checkpoint), "--out", str(pq_out), "-q"]) == 0
     table = pq.read_table(pq_out)
     assert table.column("path").to_pylist() == good
-    np.testing.assert_allclose(np.array(table.column("embedding").to_pylist(), dtype=np.float32), expected, atol=1e-6)
+    np.testing.assert_allclose(np.array(table.column("embedding").to_pylist(), dtype=np.float32), expected,
+                               atol=tolerance.REPEAT_ATOL)
 
 
 def test_embed_raise_mode_and_bad_model(checkpoint, image_dir, tmp_path, capsys):

@@ -16,8 +16,8 @@ import torch
 from open_clip.transform import _convert_to_rgb  # the reference RGB conversion (image.convert("RGB"))
 from PIL import Image
 
-from fastclip.errors import ImageLoadError
 from fastclip.data.images import load_image, load_images
+from fastclip.errors import ImageLoadError
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
 
@@ -272,6 +272,6 @@ def test_load_images_threads_identical():
     one, e1 = load_images(items, threads=1)
     many, e4 = load_images(items, threads=os.cpu_count() or 2)
     assert not e1 and not e4 and len(one) == len(many) == len(items)
-    for a, b in zip(one, many):
+    for a, b in zip(one, many, strict=True):
         np.testing.assert_array_equal(arr(a), arr(b))
     assert load_images([]) == ([], [])

@@ -36,7 +36,7 @@ def test_coalesces_and_keeps_each_request_in_order():
             return reqs, outs
 
     reqs, outs = _run(main())
-    for items, out in zip(reqs, outs):
+    for items, out in zip(reqs, outs, strict=True):
         np.testing.assert_array_equal(out[:, 0], items)
     assert max(len(c) for c in calls) > 1 and sum(len(c) for c in calls) == sum(map(len, reqs))
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastclip
+from fastclip import tolerance
 from fastclip.cli import build_parser
 
 
@@ -66,7 +67,8 @@ def test_serve_process_answers_and_stops_on_sigterm(checkpoint):
                        headers={"Authorization": "Bearer cli-secret"}, timeout=30)
         assert r.status_code == 200, r.text
         got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
-        np.testing.assert_allclose(got, fastclip.load(checkpoint).embed_texts(["a cat", "a dog"]), atol=1e-5)
+        np.testing.assert_allclose(got, fastclip.load(checkpoint).embed_texts(["a cat", "a dog"]),
+                                   atol=tolerance.SAME_MODEL_ATOL)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         # uvicorn re-raises the signal after its graceful shutdown, so the exit status says SIGTERM

@@ -54,7 +54,7 @@ def test_clip_equals_open_clip(oc, ours):
     texts = CORPUS + _fuzz(400)
     expected, got = oc(texts), ours(texts)
     assert got.dtype == torch.long and got.shape == (len(texts), 77)
-    bad = [t for t, a, b in zip(texts, expected, got) if not torch.equal(a, b)]
+    bad = [t for t, a, b in zip(texts, expected, got, strict=True) if not torch.equal(a, b)]
     assert not bad, f"{len(bad)} texts differ, first: {bad[0]!r}"
     for t in texts[:60]:
         assert ours.encode(t) == oc.encode(t), t
@@ -143,7 +143,7 @@ def test_transformers_clip_agreement_and_differences(oc, clip_dir, name):
     assert (hf[0, 7:] == 49407).all()  # pads with <|endoftext|>, not 0
     assert torch.equal(_pad0(hf), oc(AGREE))  # same ids otherwise, incl. truncation keeping eot
     hf = _hf_clip(cls, clip_dir, list(DIFFER))
-    for row, ref, (want_oc, want_hf) in zip(hf, oc(list(DIFFER)), DIFFER.values()):
+    for row, ref, (want_oc, want_hf) in zip(hf, oc(list(DIFFER)), DIFFER.values(), strict=True):
         assert ref[ref != 0].tolist() == want_oc
         assert row.tolist()[: len(want_hf)] == want_hf and want_oc != want_hf
 
@@ -194,7 +194,7 @@ def _reference(path, texts, length):
 
 
 def _assert_same(ref_ids, got, texts):
-    bad = [t for t, a, b in zip(texts, ref_ids, got) if not torch.equal(a, b)]
+    bad = [t for t, a, b in zip(texts, ref_ids, got, strict=True) if not torch.equal(a, b)]
     assert got.shape == ref_ids.shape and not bad, f"{len(bad)} texts differ, first: {bad[:1]!r}"
 
 

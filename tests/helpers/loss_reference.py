@@ -14,21 +14,22 @@ def dense_reference(kind, img, txt, scale, bias):
     logits = scale * img @ txt.T + (bias if kind == "siglip" else 0.0)
     n = img.shape[0]
     if kind == "clip":
-        labels = torch.arange(n)
+        labels = torch.arange(n, device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    signs = 2 * torch.eye(n, dtype=logits.dtype) - 1
+    signs = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1
     return -F.logsigmoid(signs * logits).sum() / n
 
 
-def run(kind, impl, img0, txt0, scale0, bias0, dtype=torch.float32, block=None):
-    """Loss and gradients (as float64) of one implementation on inputs cast to ``dtype``.
+def run(kind, impl, img0, txt0, scale0, bias0, dtype=torch.float32, block=None, device=None):
+    """Loss and gradients (as float64, on the CPU) of one implementation on inputs cast to ``dtype`` (and moved
+    to ``device``, if given).
 
     impl: "fastclip" (torch tiles), "triton" (Triton tiles), "open_clip" (dense) or "float64" (dense_reference).
     """
-    img = img0.to(dtype).clone().requires_grad_()
-    txt = txt0.to(dtype).clone().requires_grad_()
-    scale = torch.tensor(scale0, dtype=dtype, requires_grad=True)
-    bias = torch.tensor(bias0, dtype=dtype, requires_grad=True)
+    img = img0.to(device=device, dtype=dtype).clone().requires_grad_()
+    txt = txt0.to(device=device, dtype=dtype).clone().requires_grad_()
+    scale = torch.tensor(scale0, dtype=dtype, device=img.device, requires_grad=True)
+    bias = torch.tensor(bias0, dtype=dtype, device=img.device, requires_grad=True)
     if impl in ("fastclip", "triton"):
         backend = "torch" if impl == "fastclip" else "triton"
         loss = (ClipLoss(block_size=block, backend=backend)(img, txt, scale) if kind == "clip"
@@ -41,7 +42,7 @@ def run(kind, impl, img0, txt0, scale0, bias0, dtype=torch.float32, block=None):
     out = {"loss": loss, "d_image": img.grad, "d_text": txt.grad, "d_logit_scale": scale.grad}
     if kind == "siglip":
         out["d_logit_bias"] = bias.grad
-    return {k: v.detach().double() for k, v in out.items()}
+    return {k: v.detach().double().cpu() for k, v in out.items()}
 
 
 def rel_err(a, ref):

@@ -1,7 +1,7 @@
 """Worker of test_contrastive_loss.py's ring test: 2 gloo processes, each with a shard of one batch, run
 ClipLoss / SigLipLoss with the Triton and the torch tile backends (fp32 and fp16 features) and save
 every rank's loss and gradients. Kept apart from the test module so the spawned processes import only
-torch and fastclip (TRITON_INTERPRET=1 is inherited from the test session's environment)."""
+torch and fastclip (TRITON_INTERPRET=1 is set for them by the test)."""
 import torch
 import torch.distributed as dist
 
