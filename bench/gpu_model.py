@@ -1,8 +1,9 @@
 """A roofline MODEL of fastclip's GPU path: FLOPs and HBM bytes per op and per whole encoder.
 
-Nothing here is a measurement: no machine we build on has a GPU (DESIGN.md). The model states, for an
-A100 and an H100 SXM, the lower bound each kernel's FLOPs and bytes impose, and an "expected" estimate
-under stated efficiency assumptions. The GPU benches (bench/bench_<op>.py, bench/bench_gpu_e2e.py)
+Nothing here is a measurement: the project is built and tested on machines without a GPU, so the
+expected GPU performance is written down from FLOPs and bytes. The model states, for an A100 and an H100
+SXM, the lower bound each kernel's FLOPs and bytes impose, and an "expected" estimate under stated
+efficiency assumptions. The GPU benches (bench/bench_<op>.py, bench/bench_gpu_e2e.py, bench/gpu_check.py)
 report their measured TFLOP/s and GB/s against the same FLOPs and bytes, so model and measurement can
 be put side by side once a GPU is available.
 
