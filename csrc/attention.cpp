@@ -173,6 +173,7 @@ void bind_attention(py::module_& m) {
                       reinterpret_cast<const float*>(v), c, reinterpret_cast<float*>(out), d, B, H, Lq, Lk, D, causal,
                       scale);
       },
+      py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
       py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"), py::arg("v_strides"),
       py::arg("out"), py::arg("out_strides"), py::arg("B"), py::arg("H"), py::arg("Lq"), py::arg("Lk"), py::arg("D"),
       py::arg("causal"), py::arg("scale"),

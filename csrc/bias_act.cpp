@@ -68,6 +68,7 @@ void bind_bias_act(py::module_& m) {
           default: bias_act_f32<kQuickGelu>(xp, sx, bp, yp, sy, rows, N); break;
         }
       },
+      py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
       py::arg("x"), py::arg("sx"), py::arg("bias"), py::arg("y"), py::arg("sy"), py::arg("rows"), py::arg("N"),
       py::arg("act"),
       "y = act(x + bias) on fp32 pointers (bias 0: none), row strides in elements; act: a code of "

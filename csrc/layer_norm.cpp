@@ -43,6 +43,7 @@ void bind_layer_norm(py::module_& m) {
                        reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(b), reinterpret_cast<float*>(y),
                        sy, reinterpret_cast<float*>(s), ss, rows, D, eps);
       },
+      py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
       py::arg("x"), py::arg("sx"), py::arg("residual"), py::arg("sr"), py::arg("weight"), py::arg("bias"),
       py::arg("y"), py::arg("sy"), py::arg("s_out"), py::arg("ss"), py::arg("rows"), py::arg("D"), py::arg("eps"),
       "y = LayerNorm(x [+ residual]) on fp32 pointers, row strides in elements; with a residual (0: none), "

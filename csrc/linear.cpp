@@ -198,6 +198,7 @@ void bind_linear(py::module_& m) {
         py::gil_scoped_release release;
         pack(reinterpret_cast<const float*>(w), ldw, N, K, reinterpret_cast<float*>(out));
       },
+      py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
       py::arg("w"), py::arg("ldw"), py::arg("N"), py::arg("K"), py::arg("out"),
       "Pack the (N, K) fp32 weight w (rows ldw apart) into out (linear_packed_size(N, K) floats).");
   m.def(
@@ -219,6 +220,7 @@ void bind_linear(py::module_& m) {
           default: linear_f32<kQuickGelu>(xp, sx, pp, bp, yp, sy, M, N, K); break;
         }
       },
+      py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
       py::arg("x"), py::arg("sx"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("sy"), py::arg("M"),
       py::arg("N"), py::arg("K"), py::arg("act"),
       "y = act(x @ W^T + bias) with W packed by linear_pack (bias 0: none); fp32 pointers, row strides in "

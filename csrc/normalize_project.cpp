@@ -77,6 +77,7 @@ void bind_normalize_project(py::module_& m) {
                               reinterpret_cast<const float*>(proj), sp, E, reinterpret_cast<const float*>(pbias),
                               normalize, reinterpret_cast<float*>(out));
       },
+      py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
       py::arg("x"), py::arg("B"), py::arg("sxb"), py::arg("sxl"), py::arg("index"), py::arg("ln_w"), py::arg("ln_b"),
       py::arg("eps"), py::arg("W"), py::arg("proj"), py::arg("sp"), py::arg("E"), py::arg("proj_bias"),
       py::arg("normalize"), py::arg("out"),

@@ -1,15 +1,15 @@
 """Batch embedding API mixed into the model: images/texts in, L2-normalised float32 numpy out."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from .errors import ItemError
 from .data.text_batches import plan_batches
+from .errors import ItemError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -51,7 +51,7 @@ class EmbeddingMixin:
 
     Two exact speed-ups, on by default (set the attribute to False on a model to compare):
     ``fold_pixel_norm``: images are preprocessed to uint8 levels and the pixel mean/std are folded into
-    the patch embedding (fastclip.models.transformer.fold_pixel_norm) instead of a float normalise pass;
+    the patch embedding (fastclip.models.vit.fold_pixel_norm) instead of a float normalise pass;
     ``group_texts_by_length``: texts are sorted by token length before batching (a causal text tower
     runs each batch only up to its longest end-of-text), then put back in input order.
     """
@@ -110,14 +110,15 @@ class EmbeddingMixin:
         return self.visual.apply_op(pixels.to(self.device), self.ops, normalize=True,
                                     pixel_norm=self.preprocess.pixel_norm)
 
-    def _length_order(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """A permutation of the rows of ``tokens`` (N, L) that sorts them by pooled length, or None when
-        the text tower always runs at full length (not causal, or pooled at the last position)."""
-        cfg = self.text.cfg
-        if not (self.group_texts_by_length and cfg.causal and cfg.pool_type in ("argmax", "eos", "first")):
+    def _length_order(self, tokens: torch.Tensor):
+        """(order, sorted lengths): a permutation of the rows of ``tokens`` (N, L) that sorts them by the
+        tokens the text tower needs of each (``run_lengths``), and those lengths in that order; None when
+        the tower always runs at full length (not causal, or pooled at the last position)."""
+        lengths = self.text.run_lengths(tokens) if self.group_texts_by_length else None  # (N,) or None
+        if lengths is None:
             return None
-        lengths = self.text.pool_index(tokens)  # (N,) the tower runs a batch up to its max + 1
-        return torch.argsort(lengths, stable=True)
+        order = torch.argsort(lengths, stable=True)
+        return order, lengths[order].tolist()
 
     def _check_texts(self, texts: Sequence, on_error: str):
         good, idx, errors = [], [], []
@@ -142,8 +143,7 @@ class EmbeddingMixin:
         _check_on_error(on_error)
         if isinstance(texts, str):
             raise TypeError("embed_texts expects a sequence of strings; wrap a single text in a list")
-        if self.tokenizer is None:
-            raise RuntimeError("this model has no tokenizer; create it with fastclip.load / create_model")
+        self._require_tokenizer("embed texts")
         _chunks(0, batch_size)  # validates batch_size
         good, idx, errors = self._check_texts(list(texts), on_error)
         parts = []
@@ -151,13 +151,14 @@ class EmbeddingMixin:
         with _progress(len(good), progress, "texts") as bar:
             for w_start, w_stop in _chunks(len(good), window):
                 tokens = self.tokenizer(good[w_start:w_stop])  # (n, L)
-                order = self._length_order(tokens)  # (n,) or None
+                sorting = self._length_order(tokens)  # ((n,), n lengths ascending) or None
                 out = np.empty((w_stop - w_start, self.cfg.embed_dim), dtype=np.float32)  # (n, E)
-                if order is None:
+                order = None
+                if sorting is None:
                     spans = _chunks(w_stop - w_start, batch_size)
                 else:  # sorted: cut into batches of similar length (fastclip/data/text_batches.py)
+                    order, lengths = sorting
                     tokens = tokens[order]
-                    lengths = (self.text.pool_index(tokens) + 1).tolist()  # (n,) ascending
                     spans = plan_batches(lengths, batch_size)
                 for start, stop in spans:
                     with torch.inference_mode():
@@ -167,9 +168,17 @@ class EmbeddingMixin:
                 parts.append(out)
         return self._finish(parts, idx, errors, len(texts), on_error)
 
+    def _require_tokenizer(self, what: str) -> None:
+        """MissingTokenizerError (which files are missing, how to add them) if there is no tokenizer."""
+        if self.tokenizer is None:
+            from .data.tokenizers import MissingTokenizerError, no_tokenizer_message
+
+            raise MissingTokenizerError(no_tokenizer_message(self, what))
+
     def classifier_weights(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """Zero-shot class embeddings with prompt ensembling: (C, E), each the renormalised mean of its
         label's template embeddings."""
+        self._require_tokenizer("embed the labels (classify)")
         templates = tuple(templates) if templates else DEFAULT_TEMPLATES
         if not labels:
             raise ValueError("classify needs at least one label")

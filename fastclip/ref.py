@@ -6,8 +6,8 @@ dtype, which is what the tests use to build the fp32 reference for low-precision
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +124,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
             raise ValueError(f"causal attention needs Lq == Lk, got {q.shape[-2]} and {k.shape[-2]}")
         future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu_(1)
         scores = scores.masked_fill(future, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    # softmax in at least fp32: low-precision scores are upcast, float64 ones stay float64
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v.dtype)
     return torch.matmul(probs, v).to(dtype)
 
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 
-# The kernel tests (tests/kernels) run Triton kernels on CPU tensors under Triton's interpreter. Triton
+# The Triton tests (tests/kernels) run the compiled kernels on CUDA tensors where there is a CUDA device,
+# else on CPU tensors under Triton's interpreter (helpers/device.py decides, from torch alone). Triton
 # reads TRITON_INTERPRET when `@triton.jit` decorates a function, and `import open_clip` (tests/helpers)
-# imports triton, so it is set here, before anything imports triton. Nothing else in tests/ runs Triton code.
-os.environ["TRITON_INTERPRET"] = "1"
+# imports triton, so it is set here, before anything imports triton.
+from helpers.device import INTERPRET  # (tests/helpers; pytest puts tests/ on sys.path for this conftest)
+
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -21,9 +25,20 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 import open_clip  # noqa: E402
 import transformers  # noqa: E402
 
+from fastclip.models import tiny  # noqa: E402
+from fastclip.tolerance import UPSTREAM_ATOL  # noqa: E402
 from helpers.upstream import (  # noqa: E402  (tests/helpers; pytest puts tests/ on sys.path for this conftest)
-    _TABLE, ATOL, TINY_CONFIGS, Upstream, hf_clip_config, hf_siglip_config, hf_upstream, openclip_upstream,
-    register_configs, save_hf_dir)
+    _TABLE,
+    OPENCLIP_TINY,
+    TINY_CONFIGS,
+    Upstream,
+    hf_clip_config,
+    hf_siglip_config,
+    hf_upstream,
+    openclip_upstream,
+    register_configs,
+    save_hf_dir,
+)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -35,15 +50,15 @@ def pytest_terminal_summary(terminalreporter):
     for suite, case, b, i, inorm, t, tnorm in _TABLE:
         tr.write_line(f"{suite:6} {case:54} {b:>2} {i:9.2e} {inorm:9.2e} {t:9.2e} {tnorm:9.2e}")
     worst = max(max(row[3:]) for row in _TABLE)
-    tr.write_line(f"worst: {worst:.2e} (tolerance {ATOL:.0e})")
+    tr.write_line(f"worst: {worst:.2e} (tolerance {UPSTREAM_ATOL:.0e}, fastclip.tolerance.UPSTREAM_ATOL)")
 
 
 
 @pytest.fixture(scope="session")
 def tiny_config_dir(tmp_path_factory) -> Path:
-    """The tiny configs as JSON files, registered with both fastclip and open_clip."""
+    """The tiny configs as JSON files, registered with fastclip (all) and open_clip (those it builds)."""
     folder = register_configs(tmp_path_factory, "tiny_configs", TINY_CONFIGS)
-    open_clip.add_model_config(folder)
+    open_clip.add_model_config(tiny.write_configs(tmp_path_factory.mktemp("tiny_openclip"), OPENCLIP_TINY))
     return folder
 
 
@@ -60,7 +75,7 @@ def oc_b32(oc_b32_quickgelu) -> Upstream:
 
 @pytest.fixture(scope="session")
 def oc_tiny(tiny_config_dir) -> dict[str, Upstream]:
-    return {name: openclip_upstream(name, seed=10 + i) for i, name in enumerate(TINY_CONFIGS)}
+    return {name: openclip_upstream(name, seed=10 + i) for i, name in enumerate(OPENCLIP_TINY)}
 
 
 @pytest.fixture(scope="session")

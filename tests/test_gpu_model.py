@@ -18,8 +18,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastclip.models.config import ModelConfig, TextConfig, VisionConfig
 from fastclip.models.clip import CLIP
+from fastclip.models.config import parse_config
+from fastclip.models.tiny import TINY_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,11 +35,7 @@ def _load(name: str, path: Path):
 
 gm = sys.modules.get("fastclip_bench_gpu_model") or _load("fastclip_bench_gpu_model", ROOT / "bench" / "gpu_model.py")
 
-TINY = ModelConfig(
-    "tiny-gpu-model", embed_dim=24,
-    vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, head_width=16, mlp_ratio=4.0),
-    text=TextConfig(context_length=12, vocab_size=100, width=32, heads=2, layers=2, mlp_ratio=4.0),
-)
+TINY = parse_config("tiny-clip", TINY_CONFIGS["tiny-clip"])  # fastclip/models/tiny.py
 BATCH = 3
 
 
@@ -60,7 +57,8 @@ def _tensor_work(ops) -> float:
 
 
 def test_image_flops_match_flop_counter(tiny_model):
-    pixels = torch.randn(BATCH, 3, 32, 32)
+    S = TINY.vision.image_size
+    pixels = torch.randn(BATCH, 3, S, S)
     counted = _counted(lambda: tiny_model.encode_image(pixels))
     assert counted > 0
     assert _tensor_work(gm.vision_ops(TINY.vision, TINY.embed_dim, BATCH, "ref")) == counted
@@ -69,9 +67,9 @@ def test_image_flops_match_flop_counter(tiny_model):
 
 
 def test_text_flops_match_flop_counter(tiny_model):
-    L = TINY.text.context_length
-    tokens = torch.randint(1, 90, (BATCH, L))
-    tokens[:, -1] = 99  # the highest id = end of text (argmax pooling): no causal truncation, all L tokens run
+    L, vocab = TINY.text.context_length, TINY.text.vocab_size
+    tokens = torch.randint(1, vocab - 1, (BATCH, L))
+    tokens[:, -1] = vocab - 1  # the highest id = end of text (argmax pooling): no causal truncation, all L run
     counted = _counted(lambda: tiny_model.encode_text(tokens))
     assert _tensor_work(gm.text_ops(TINY.text, TINY.embed_dim, BATCH, "ref")) == counted
     t = TINY.text

@@ -14,8 +14,8 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 

@@ -4,7 +4,8 @@ Scheme (per linear layer y = x @ W.T + b):
 
 - weights: symmetric int8 per output channel, ``W[n] ~ scale[n] * Wq[n]`` with ``scale[n] = max|W[n]| / 127``,
   quantised once and pre-packed for the int8 GEMM (``quantize_model``); the fp32 master weights stay in
-  the model, so ``state_dict`` is unchanged;
+  the model, so ``state_dict`` is unchanged. Which weights: those each module declares in its
+  ``int8_linears()`` (``Int8Linears``); a matrix no module declares, as int8 or as exempt, is an error;
 - activations: asymmetric uint8 with one scale / zero point per call, from the tensor's min and max
   (dynamic quantisation, nothing to calibrate);
 - the GEMM: PyTorch's ``quantized::linear_dynamic`` (fbgemm / oneDNN, VNNI where the CPU has it),
@@ -22,12 +23,14 @@ import contextlib
 import dataclasses
 import os
 import warnings
-import weakref
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from .dispatch import OpTable, compose_linear_act
+from .weight_packs import DerivedWeights
 
 # fbgemm's int8 kernel without VNNI sums pairs of u8*s8 products in int16, which can saturate; 7-bit
 # activations (reduce_range) avoid it. With VNNI (vpdpbusd) the sums are int32 and all 8 bits are used.
@@ -70,113 +73,100 @@ def _engine(name: str):
         torch.backends.quantized.engine = previous
 
 
-def _version(t: torch.Tensor) -> int:
-    return -1 if t.is_inference() else t._version  # inference tensors cannot change in place
-
-
-@dataclasses.dataclass
-class PackedLinear:
+@torch.no_grad()
+def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
     """A (N, K) fp32 weight (and its (N,) bias) as a pre-packed per-channel int8 GEMM operand."""
-
-    packed: torch.ScriptObject
-    version: int
-    ptr: int
-    bias_version: int
-    bias_ptr: int
-
-    @staticmethod
-    @torch.no_grad()
-    def pack(weight: torch.Tensor, bias: torch.Tensor | None) -> "PackedLinear":
-        w = weight.detach().float().contiguous()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()  # (N,)
-        zero = torch.zeros(w.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the quantized-tensor deprecation notice
-            wq = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-        b = None if bias is None else bias.detach().float().contiguous()
-        with _engine(ENGINE):
-            packed = torch.ops.quantized.linear_prepack(wq, b)
-        return PackedLinear(packed, _version(weight), weight.data_ptr(),
-                            -1 if bias is None else _version(bias), 0 if bias is None else bias.data_ptr())
-
-    def fresh(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        """The pack still holds ``weight`` and ``bias`` as they are now."""
-        if self.version != _version(weight) or self.ptr != weight.data_ptr():
-            return False
-        if bias is None:
-            return self.bias_ptr == 0
-        return self.bias_version == _version(bias) and self.bias_ptr == bias.data_ptr()
+    w = weight.detach().float().contiguous()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()  # (N,)
+    zero = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the quantized-tensor deprecation notice
+        wq = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+    b = None if bias is None else bias.detach().float().contiguous()
+    with _engine(ENGINE):
+        return torch.ops.quantized.linear_prepack(wq, b)
 
 
 class Int8Weights:
-    """The packed int8 copies of a model's linear weights.
-
-    Keyed by where a weight lives (data pointer, shape) so that views of a packed layer's rows -- the q
-    and kv halves of ``in_proj_weight`` that trimmed last blocks and attention pooling split off on every
-    call -- find their pack too; each entry keeps a weak reference to the Parameter it was cut from, so
-    memory reused by another tensor never matches.
+    """The packed int8 copies of a model's linear weights, in the cache every derived weight uses
+    (fastclip/backends/weight_packs.py): keyed by where a weight and its bias live, so views of a packed
+    layer's rows -- the q and kv halves of ``in_proj_weight`` that trimmed last blocks and attention pooling
+    split off on every call -- find their pack too, and a weight changed in place is re-quantised on its
+    next use. Only the (weight, bias) pairs added here are int8; any other linear runs the fp32 op.
     """
 
     def __init__(self):
-        self._packs: dict = {}  # (data_ptr, shape) -> (weakref to owning weight, bias ptr, PackedLinear)
+        self._packs = DerivedWeights(pack_linear)
         self.nbytes = 0  # int8 weights + fp32 biases held by the packs (besides the fp32 masters)
 
-    @staticmethod
-    def _owner(t: torch.Tensor) -> torch.Tensor:
-        return t if t._base is None else t._base
-
     def add(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        key = (weight.data_ptr(), tuple(weight.shape))
-        self._packs[key] = (weakref.ref(self._owner(weight)), _ptr(bias), PackedLinear.pack(weight, bias))
+        self._packs.add(weight, bias)
         self.nbytes += weight.numel() + (0 if bias is None else 4 * bias.numel())
 
     def __len__(self) -> int:
         return len(self._packs)
 
-    def lookup(self, weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear | None:
+    def lookup(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject | None:
         """The pack of ``weight`` with this ``bias`` (re-quantised if either changed), or None."""
-        key = (weight.data_ptr(), tuple(weight.shape))
-        entry = self._packs.get(key)
-        if entry is None or entry[0]() is not self._owner(weight) or entry[1] != _ptr(bias):
-            return None
-        pack = entry[2]
-        if not pack.fresh(weight, bias):
-            pack = PackedLinear.pack(weight, bias)
-            self._packs[key] = (entry[0], entry[1], pack)
-        return pack
+        return self._packs.get(weight, bias, create=False)
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
+class Int8Linears(Protocol):
+    """A module whose linear layers run in int8 under ``precision="int8"``.
+
+    ``int8_linears()`` yields each (weight (N, K), bias (N,) or None) exactly as the module passes them to
+    ``ops.linear`` (row views included); ``int8_exempt`` names (dotted, relative to the module) the
+    matrices it holds that are not linear layers or stay fp32 on purpose (embeddings, the patch
+    embedding, projections of the pooled rows).
+    """
+
+    int8_exempt: tuple[str, ...]
+
+    def int8_linears(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]: ...
 
 
-def _linears(model: nn.Module):
-    """(weight, bias) of every linear layer the towers run through ``ops.linear``, as they call it
-    (including the q / kv row halves of ``in_proj_weight`` that pooled attention uses)."""
-    from ..models.transformer import Mlp, MultiheadAttention
+def _matrix_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters() if p.ndim >= 2}
 
+
+def int8_linears(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Every (weight, bias) the modules of ``model`` declare as int8 linear layers (see Int8Linears).
+
+    Raises ValueError naming any matrix parameter that no module declares either as an int8 linear or as
+    exempt, so a new block cannot silently stay fp32 under ``precision="int8"``.
+    """
+    pairs, covered = [], set()
     for module in model.modules():
-        if isinstance(module, MultiheadAttention):
-            yield module.in_proj_weight, module.in_proj_bias
-            w, W = module.in_proj_weight, module.width
-            yield from zip(w.split([W, 2 * W]), module.in_proj_bias.split([W, 2 * W]))
-            yield module.out_proj.weight, module.out_proj.bias
-        elif isinstance(module, Mlp):
-            yield module.c_fc.weight, None  # its bias is added by bias_act with the activation (linear_act)
-            yield module.c_proj.weight, module.c_proj.bias
+        for name in getattr(module, "int8_exempt", ()):
+            holder, _, leaf = name.rpartition(".")
+            if getattr(module.get_submodule(holder), leaf) is not None:  # an optional parameter may be None
+                covered.add(id(module.get_parameter(name)))
+        if hasattr(module, "int8_linears"):
+            for weight, bias in module.int8_linears():
+                pairs.append((weight, bias))
+                covered.add(id(weight if weight._base is None else weight._base))
+    missing = [name for key, name in _matrix_names(model).items() if key not in covered]
+    if missing:
+        raise ValueError(
+            f"precision='int8': the parameters {', '.join(missing)} are neither int8 linear layers nor exempt; "
+            "the module that owns them must list them in int8_linears() or int8_exempt "
+            "(fastclip/backends/int8.py, Int8Linears)")
+    return pairs
 
 
 def quantize_model(model: nn.Module) -> Int8Weights:
-    """Pack every transformer linear layer of ``model`` (fp32, on the CPU) as int8; returns the packs.
+    """Pack every linear layer the modules of ``model`` (fp32, on the CPU) declare as int8 (see
+    Int8Linears); returns the packs.
 
     The parameters are frozen (``requires_grad=False``): int8 layers have no backward.
     """
     for p in model.parameters():
         if p.dtype != torch.float32 or p.device.type != "cpu":
             raise ValueError(f"int8 quantisation needs fp32 CPU weights, got {p.dtype} on {p.device}")
+    pairs = int8_linears(model)
     model.requires_grad_(False)
     weights = Int8Weights()
-    for weight, bias in _linears(model):
+    for weight, bias in pairs:
         weights.add(weight, bias)
     return weights
 
@@ -200,7 +190,7 @@ def int8_ops(base: OpTable, weights: Int8Weights) -> OpTable:
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]}")
         x2 = x.reshape(-1, x.shape[-1])
-        y = torch.ops.quantized.linear_dynamic(x2 if x2.is_contiguous() else x2.contiguous(), pack.packed,
+        y = torch.ops.quantized.linear_dynamic(x2 if x2.is_contiguous() else x2.contiguous(), pack,
                                                REDUCE_RANGE)
         return y.view(*x.shape[:-1], weight.shape[0])
 

@@ -1,4 +1,5 @@
-"""The fastclip model: image and text towers over one op table, with OpenCLIP's encode API."""
+"""The fastclip model: an image and a text tower (built by type, fastclip/models/registry.py) over one op
+table, with OpenCLIP's encode API."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ from ..backends import int8 as quant
 from ..backends.dispatch import get_ops, resolve_backend
 from ..embed import EmbeddingMixin
 from .config import ModelConfig
-from .transformer import TextTransformer, VisionTransformer
+from .registry import ImageTower, TextTower, build_tower
 
 
 class CLIP(EmbeddingMixin, nn.Module):
@@ -24,17 +25,17 @@ class CLIP(EmbeddingMixin, nn.Module):
     def __init__(self, cfg: ModelConfig, backend: str = "ref"):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim)
-        self.text = TextTransformer(cfg.text, cfg.embed_dim)
+        self.visual: ImageTower = build_tower("vision", cfg.vision, cfg.embed_dim)
+        self.text: TextTower = build_tower("text", cfg.text, cfg.embed_dim)
         self.log_logit_scale = nn.Parameter(torch.empty(()))
         self.logit_bias = nn.Parameter(torch.empty(1)) if cfg.family == "siglip" else None
-        self.int8_weights = None  # fastclip.backends.int8.Int8Weights once the model runs in int8 (fastclip/backends/int8.py)
+        self.int8_weights = None  # a fastclip.backends.int8.Int8Weights once the model runs in int8
         self.set_backend(backend)
         self.tokenizer = None
         self.preprocess = None
 
     # ------------------------------------------------------------------ backend
-    def set_backend(self, backend: str | None = "auto") -> "CLIP":
+    def set_backend(self, backend: str | None = "auto") -> CLIP:
         """Resolve ``backend`` for the model's current device and use it from now on (an int8 model keeps
         its int8 linear layers; int8 runs on the CPU with ``cpu`` or ``ref`` only, else ValueError)."""
         device = self.device if self._has_storage() else "cpu"
@@ -57,7 +58,7 @@ class CLIP(EmbeddingMixin, nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.visual.conv1.weight.dtype
+        return self.log_logit_scale.dtype  # cast with every other parameter by .to(dtype)
 
     @property
     def precision(self) -> str:
@@ -94,7 +95,7 @@ class CLIP(EmbeddingMixin, nn.Module):
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
-    def init_random(self, seed: int | None = None) -> "CLIP":
+    def init_random(self, seed: int | None = None) -> CLIP:
         """Random weights in OpenCLIP's initialisation scheme (for tests and benchmarks)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():

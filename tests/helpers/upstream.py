@@ -21,9 +21,10 @@ import transformers
 import fastclip
 from fastclip.loading import keymaps
 from fastclip.loading.factory import _build
+from fastclip.models import tiny
+from fastclip.tolerance import UPSTREAM_ATOL
 
 ROOT = Path(__file__).resolve().parents[2]
-ATOL = 1e-4  # the numerics contract: fp32 reference vs upstream, before and after L2 normalisation
 EOT, SOT = 49407, 49406
 NOISE = 0.02
 
@@ -36,7 +37,7 @@ def _maxabs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def assert_matches(model, upstream: "Upstream", batch: int, case: str, suite: str) -> None:
+def assert_matches(model, upstream: Upstream, batch: int, case: str, suite: str) -> None:
     """encode_image / encode_text of a fastclip model equal the upstream's, raw and L2-normalised."""
     images, tokens = upstream.inputs(batch)
     ref_img, ref_txt = upstream.outputs(batch)
@@ -46,10 +47,9 @@ def assert_matches(model, upstream: "Upstream", batch: int, case: str, suite: st
     errs = (_maxabs(img, ref_img), _maxabs(img_n, F.normalize(ref_img, dim=-1)),
             _maxabs(txt, ref_txt), _maxabs(txt_n, F.normalize(ref_txt, dim=-1)))
     _TABLE.append((suite, case, batch, *errs))
-    print(f"\n[{suite}] {case} B={batch}: image {errs[0]:.2e} / {errs[1]:.2e}, text {errs[2]:.2e} / {errs[3]:.2e}")
     names = ("image", "image (normalised)", "text", "text (normalised)")
-    bad = [f"{n}: {e:.3e}" for n, e in zip(names, errs) if not e <= ATOL]
-    assert not bad, f"{case} B={batch}: max-abs error above {ATOL}: " + ", ".join(bad)
+    bad = [f"{n}: {e:.3e}" for n, e in zip(names, errs, strict=True) if not e <= UPSTREAM_ATOL]
+    assert not bad, f"{case} B={batch}: max-abs error above {UPSTREAM_ATOL}: " + ", ".join(bad)
 
 
 # ---------------------------------------------------------------- random weights and inputs
@@ -135,27 +135,10 @@ def fastclip_from_hf(hf_model, name: str, backend: str = "ref"):
     return _build(cfg, sd, "<memory>", "cpu", "fp32", backend)
 
 
-# ---------------------------------------------------------------- tiny custom configs (OpenCLIP JSON)
-TINY_CONFIGS = {
-    # ViT-bigG's shape, tiny: head_width 104, mlp_ratio 4.9231 (1024 = int(208 * 4.9231)), GELU,
-    # text heads of width 80; text pooled at the last position without a causal mask, projection bias.
-    "tiny-bigG-like": {
-        "embed_dim": 96,
-        "vision_cfg": {"image_size": 80, "patch_size": 16, "width": 208, "head_width": 104, "layers": 2,
-                       "mlp_ratio": 4.9231},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 160, "heads": 2, "layers": 2,
-                     "mlp_ratio": 3.0, "no_causal_mask": True, "pool_type": "last", "proj_bias": True},
-    },
-    # QuickGELU, mean-pooled patches with the LayerNorm after pooling, no ln_pre; text pooled at the first
-    # end-of-text (open_clip's "eos" pooling with its "eos_id" key).
-    "tiny-avgpool-quickgelu": {
-        "embed_dim": 64, "quick_gelu": True,
-        "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 96, "head_width": 32, "layers": 2,
-                       "pool_type": "avg", "final_ln_after_pool": True, "no_ln_pre": True},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
-                     "pool_type": "eos", "eos_id": EOT},
-    },
-}
+# ---------------------------------------------------------------- tiny configs (OpenCLIP JSON)
+# The one set of tiny configs, shared with `fastclip verify` (fastclip/models/tiny.py); OPENCLIP_TINY are
+# those open_clip builds too.
+TINY_CONFIGS, OPENCLIP_TINY = tiny.TINY_CONFIGS, tiny.OPENCLIP_TINY
 
 
 def register_configs(tmp_path_factory, label: str, configs: dict) -> Path:
@@ -182,7 +165,7 @@ def openclip_upstream(name: str, seed: int, like: torch.nn.Module | None = None)
 
 
 # ---------------------------------------------------------------- transformers models and directories
-def hf_clip_config() -> "transformers.CLIPConfig":
+def hf_clip_config() -> transformers.CLIPConfig:
     # Vision QuickGELU (OpenAI), text GELU: each tower's activation is mapped on its own.
     return transformers.CLIPConfig(
         projection_dim=48,
@@ -197,7 +180,7 @@ def hf_clip_config() -> "transformers.CLIPConfig":
 SIGLIP_VOCAB, SIGLIP_CTX, SIGLIP_EOS, SIGLIP_PAD = 300, 16, 1, 1
 
 
-def hf_siglip_config() -> "transformers.SiglipConfig":
+def hf_siglip_config() -> transformers.SiglipConfig:
     return transformers.SiglipConfig(
         text_config=dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=2,
                          vocab_size=SIGLIP_VOCAB, max_position_embeddings=SIGLIP_CTX, projection_size=96,

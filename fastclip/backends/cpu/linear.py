@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import _C, ref
-from ..weight_packs import WeightPacks
+from ..weight_packs import DerivedWeights
 from .bias_act import bias_act
 from .common import ACT_CODES, native, ptr, unit_last
 
@@ -53,7 +53,7 @@ def _pack_for_kernel(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-_KERNEL_PACKS = WeightPacks(_pack_for_kernel)
+_KERNEL_PACKS = DerivedWeights(_pack_for_kernel)
 
 
 def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: int) -> torch.Tensor | None:
@@ -86,7 +86,7 @@ class _MklPack:
         self.m, self.packed, self.last_m = -1, None, -1
 
 
-_MKL_PACKS = WeightPacks(lambda weight: _MklPack())
+_MKL_PACKS = DerivedWeights(lambda weight: _MklPack())
 
 
 def _mkl_packed(weight: torch.Tensor, M: int):
