@@ -51,11 +51,6 @@ ACTIVATION_TABLE: dict[str, Activation] = {a.name: a for a in (
 ACTIVATIONS = tuple(ACTIVATION_TABLE)
 
 
-def output_width(width: int, act: str) -> int:
-    """Features out of ``act`` for ``width`` features in (half of them for a gated activation)."""
-    return width // 2 if ACTIVATION_TABLE[act].gated else width
-
-
 def _maybe_upcast(upcast: bool, *tensors):
     if not upcast:
         return tensors

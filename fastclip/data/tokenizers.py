@@ -72,10 +72,11 @@ def siglip_tokenizer_help(path, repo_id: str | None = None, for_model: bool = Tr
 
 def no_tokenizer_message(model, what: str = "embed texts") -> str:
     """Why ``model`` (whose ``tokenizer`` is None) cannot ``what``, and how to give it a tokenizer."""
-    why = getattr(model, "tokenizer_missing", None) or (
+    why = model.tokenizer_missing or (
         "it was created without tokenizer files (a randomly initialised SigLIP model has none); set "
         "model.tokenizer = fastclip.get_tokenizer(<model directory or hub id>)")
     return f"this model has no tokenizer, so it cannot {what}: {why}"
+
 
 _BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 _N_MERGES = 49152 - 256 - 2  # open_clip keeps lines [1, 48895) of the merges file

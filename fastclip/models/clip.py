@@ -32,6 +32,7 @@ class CLIP(EmbeddingMixin, nn.Module):
         self.int8_weights = None  # a fastclip.backends.int8.Int8Weights once the model runs in int8
         self.set_backend(backend)
         self.tokenizer = None
+        self.tokenizer_missing: str | None = None  # why there is no tokenizer, and how to add one (if known)
         self.preprocess = None
 
     # ------------------------------------------------------------------ backend

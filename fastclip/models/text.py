@@ -94,12 +94,16 @@ class TextTransformer(nn.Module):
             return (tokens == self.cfg.eos_token_id).int().argmax(dim=-1)
         return torch.full((B,), L - 1 if kind == "last" else 0, dtype=torch.long, device=tokens.device)
 
+    @property
+    def stops_at_pooled(self) -> bool:
+        """A causal tower pooled at a token (not the last position): no position sees a later one, so the
+        tokens after each row's pooled token cannot change its output."""
+        return self.cfg.causal and self.cfg.pool_type in ("argmax", "eos", "first")
+
     def run_lengths(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """(B,) tokens each row needs: up to its pooled token when the tower is causal and pools there (no
-        position sees a later one), else None (every row runs at full length).  tokens: (B, L)."""
-        if self.cfg.causal and self.cfg.pool_type in ("argmax", "eos", "first"):
-            return self.pool_index(tokens) + 1
-        return None
+        """(B,) tokens each row needs: up to its pooled token when ``stops_at_pooled``, else None (every row
+        runs at full length).  tokens: (B, L)."""
+        return self.pool_index(tokens) + 1 if self.stops_at_pooled else None
 
     def apply_op(self, tokens: torch.Tensor, ops: OpTable, normalize: bool = False) -> torch.Tensor:
         """tokens: (B, L) int64 from the model's tokenizer -> (B, embed_dim)."""
@@ -112,11 +116,8 @@ class TextTransformer(nn.Module):
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
         tokens = tokens.long()
         index = self.pool_index(tokens)  # (B,)
-        lengths = self.run_lengths(tokens)  # (B,) or None
-        if lengths is not None and tokens.shape[0]:
-            # Exact: with a causal mask no position sees a later one, so tokens after the last pooled
-            # position cannot change the pooled outputs.
-            tokens = tokens[:, : int(lengths.max())]
+        if self.stops_at_pooled and tokens.shape[0]:  # exact: run only up to the batch's last pooled token
+            tokens = tokens[:, : int(index.max()) + 1]
         L = tokens.shape[1]
         dtype = self.positional_embedding.dtype
         x = self.token_embedding(tokens).to(dtype) + self.positional_embedding[:L]  # (B, L, W)

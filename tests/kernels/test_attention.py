@@ -43,7 +43,7 @@ def sdpa(q, k, v, causal=False, key_padding_mask=None):
 
 def widened(*tensors):
     """The inputs in the reference's wider dtype: float64 for fp32 data, fp32 for fp16/bf16."""
-    wide = torch.float64 if tensors[0].dtype == torch.float32 else torch.float32
+    wide = tolerance.wider(tensors[0].dtype)
     return tuple(t.to(wide) for t in tensors)
 
 
