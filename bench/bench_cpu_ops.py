@@ -6,10 +6,11 @@ Per-op groups use ViT-B-32 (batch 32: 50 tokens -> 1600 rows) and ViT-B-16 (batc
 1576 rows) shapes, width 768, MLP 3072, 12 heads of 64, and the text tower's causal 77 tokens.
 Compare rows of one group only: ``extra_info.vs_ref`` is the reference op's mean time over this row's
 (> 1: faster than the reference), attention and linear rows also carry GFLOP/s. One linear group runs
-every layer of a 12-layer ViT-B stack at batch 1, weights streamed from memory as in the model
-(F.linear, MKL's packed GEMM, the packed-panel kernel). The last group is the whole
-ViT-B-32 image tower at batch 32 (``extra_info.items_per_s`` = images/s) with backend cpp, backend
-ref and open_clip on the same weights. Set FASTCLIP_MKL_PACK=0 to run the cpp rows without packed
+every layer of a 12-layer ViT-B stack at 1, 50, 100, 197 and 400 rows, weights streamed from memory as in
+the model (F.linear, MKL's packed GEMM, the packed-panel kernel's AVX-512 and AVX2 paths); run it under
+.ci/emulate-avx2 to hold MKL to AVX2 as well, as on an AVX-512-less CPU (the AVX-512 kernel row then
+skips). The last group is the whole ViT-B-32 image tower at batch 32 (``extra_info.items_per_s`` =
+images/s) with backend cpp, backend ref and open_clip on the same weights. Set FASTCLIP_MKL_PACK=0 to run the cpp rows without packed
 weights (then the cpp linear rows are F.linear too).
 """
 import dataclasses
@@ -125,16 +126,31 @@ LINEARS = {"qkv 768 -> 2304": (768, 2304), "out 768 -> 768": (768, 768), "mlp 76
            "mlp 3072 -> 768": (3072, 768)}
 
 
-@pytest.mark.parametrize("impl", ["ref", "cpp"])
+@pytest.fixture
+def linear_path(request):
+    """For a cpu-backend linear row named "...-avx2": the kernel's AVX2 path (set_avx512(False)); else as the
+    CPU has it. Skips the AVX-512 kernel row where it cannot run (no AVX-512F, or FASTCLIP_DISABLE_AVX512)."""
+    impl = request.node.callspec.params["impl"]
+    if impl == "kernel" and not _C.avx512_present():
+        pytest.skip("no AVX-512 path here (CPU lacks AVX-512F, or FASTCLIP_DISABLE_AVX512 is set): see kernel-avx2")
+    _C.set_avx512(not impl.endswith("avx2"))
+    yield
+    _C.set_avx512(True)
+
+
+@pytest.mark.parametrize("impl", ["ref", "cpp", "cpp-avx2"])
 @pytest.mark.parametrize("rows", [50, 1600])
 @pytest.mark.parametrize("layer", list(LINEARS))
-def test_linear(benchmark, layer, rows, impl):
+def test_linear(benchmark, linear_path, layer, rows, impl):
     """F.linear (reference) vs the cpu backend's linear on packed weights (packed during the warm-up
-    rounds): the AVX-512 kernel at 50 rows (ViT-B-32, batch 1), MKL's packed GEMM at 1600 (batch 32).
-    The weights are hot in cache here; inside a model they are not (see fastclip/backends/cpu/linear.py)."""
+    rounds): the kernel at 50 rows (ViT-B-32, batch 1; cpp: its AVX-512 path where the CPU has it, cpp-avx2:
+    its AVX2 path), MKL's packed GEMM at 1600 (batch 32). The weights are hot in cache here; inside a model
+    they are not (see the streamed group below and fastclip/backends/cpu/linear.py)."""
+    if impl == "cpp-avx2" and rows > cpu_linear.KERNEL_MAX_ROWS[16]:
+        pytest.skip("above the AVX2 path's row limit: MKL, as the cpp row")
     K, N = LINEARS[layer]
     x, w, b = torch.randn(rows, K, generator=_gen(0)), torch.randn(N, K, generator=_gen(1)), torch.randn(N)
-    op = cpu_linear.linear if impl == "cpp" else ref.linear
+    op = ref.linear if impl == "ref" else cpu_linear.linear
     batch = 1 if rows == 50 else 32
     _run(benchmark, f"linear {layer}: ViT-B-32 batch {batch}, {rows} rows", impl, lambda: op(x, w, b), rounds=10)
     if _mean(benchmark):
@@ -151,25 +167,30 @@ def vit_b_layer_weights():
     return layers
 
 
-@pytest.mark.parametrize("impl", ["ref", "mkl-packed", "kernel"])
-def test_linear_streamed_weights(benchmark, vit_b_layer_weights, impl):
-    """Every linear layer of a 12-layer ViT-B stack at 50 rows (batch 1), one after another, so each
-    weight comes from memory as it does in the model: F.linear, MKL's packed GEMM and the packed-panel
-    kernel (cpu_linear's two paths, called directly)."""
-    if impl == "kernel" and not cpu_linear.KERNEL_AVAILABLE:
-        pytest.skip("this CPU lacks AVX-512F: the cpu backend runs MKL's packed GEMM")
-    xs = {K: torch.randn(50, K, generator=_gen(K)) for K in (768, 3072)}
+@pytest.mark.parametrize("impl", ["ref", "mkl-packed", "kernel", "kernel-avx2"])
+@pytest.mark.parametrize("rows", [1, 50, 100, 197, 400])
+def test_linear_streamed_weights(benchmark, vit_b_layer_weights, linear_path, monkeypatch, rows, impl):
+    """Every linear layer of a 12-layer ViT-B stack at ``rows`` rows (50: ViT-B-32 at batch 1, 197: ViT-B-16
+    at batch 1), one after another, so each weight comes from memory as it does in the model: F.linear, MKL's
+    packed GEMM and the packed-panel kernel on its AVX-512 path (kernel) and its AVX2 path (kernel-avx2),
+    cpu_linear's paths called directly, the kernel at any number of rows (its row limits set aside). Under
+    .ci/emulate-avx2 MKL is held to AVX2 too, as on an AVX2-only CPU."""
+    for panel in cpu_linear.KERNEL_MAX_ROWS:
+        monkeypatch.setitem(cpu_linear.KERNEL_MAX_ROWS, panel, rows)
+    xs = {K: torch.randn(rows, K, generator=_gen(K)) for K in (768, 3072)}
     layers = [(xs[w.shape[1]], w, b) for w, b in vit_b_layer_weights]
-    op = {"ref": ref.linear, "mkl-packed": cpu_linear._mkl, "kernel": lambda x, w, b: cpu_linear._kernel(x, w, b, 0)}[impl]
+    kernel = lambda x, w, b: cpu_linear._kernel(x, w, b, 0)  # noqa: E731
+    op = {"ref": ref.linear, "mkl-packed": cpu_linear._mkl, "kernel": kernel, "kernel-avx2": kernel}[impl]
 
     def stack():
         for x, w, b in layers:
             op(x, w, b)
 
-    stack(), stack()  # pack (MKL packs on the second call with the same rows)
-    _run(benchmark, "linear: 12 ViT-B layers streamed from memory, 50 rows", impl, stack, rounds=10)
+    stack(), stack()  # pack (MKL packs on the second call with the same rows; the kernel repacks for its path)
+    _run(benchmark, f"linear: 12 ViT-B layers streamed from memory, {rows} rows", impl, stack,
+         rounds=10 if rows <= 100 else 5)
     if _mean(benchmark):
-        flops = sum(2 * 50 * w.shape[0] * w.shape[1] for _, w, _ in layers)
+        flops = sum(2 * rows * w.shape[0] * w.shape[1] for _, w, _ in layers)
         benchmark.extra_info["gflop_per_s"] = round(flops / _mean(benchmark) / 1e9, 1)
 
 

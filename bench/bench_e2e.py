@@ -5,18 +5,30 @@
     python -m pytest bench/bench_e2e.py -k "ViT-B-32 and b32"            # one group
     FASTCLIP_BENCH_LARGE=1 python -m pytest bench/bench_e2e.py -k ViT-L-14
 
-Implementations (bench/peers.py): fastclip (auto backend), fastclip int8 (``precision="int8"``),
-open_clip eager, open_clip under ``torch.compile``, transformers, ONNX Runtime fp32 on the exported
-open_clip towers and its dynamic int8 quantisation. Images: ViT-B-32 and ViT-B-16 at batch 1 and 32,
-ViT-L-14 at batch 1 and 8 (only with FASTCLIP_BENCH_LARGE=1). Text: 256 captions of 5-40 words
-(bench/captions.py) through the ViT-B-32 text tower, tokenization included in every row: fastclip's
-``embed_texts`` and ``encode_text(tokenizer(...))``, open_clip and ONNX Runtime on open_clip's 77-token
-input, transformers with ``padding="longest"`` and its attention mask.
+Implementations (bench/peers.py): fastclip (auto backend), fastclip int8 (``precision="int8"``), fastclip
+bf16 (``precision="bf16"``: oneDNN bf16 GEMMs; skipped with the reason on CPUs without AVX512-BF16 or AMX),
+open_clip eager, open_clip eager in bfloat16 (``open_clip-bf16``: model and image input), open_clip under
+``torch.compile``, transformers, ONNX Runtime fp32 on the exported open_clip towers and its dynamic int8
+quantisation, and OpenVINO (CPU plugin, ``INFERENCE_NUM_THREADS`` = torch's thread count) on the same
+exports: ``ov-fp32`` (``INFERENCE_PRECISION_HINT=f32``; the plugin would default to bf16 on AMX CPUs),
+``ov-bf16`` (bf16) and ``ov-int8`` (NNCF post-training quantisation, ``model_type=TRANSFORMER``, calibrated
+on inputs of the benchmark's kind, f32 elsewhere). Each OpenVINO row runs under ``PERFORMANCE_HINT=LATENCY``
+at batch 1, and on a batch under whichever of LATENCY and THROUGHPUT was faster on the row's own input in a
+quick check before timing (the choice and both timings are in its ``extra_info``). A row whose optional
+packages (ONNX Runtime, OpenVINO, NNCF) are not installed is skipped with the reason.
+
+Images: ViT-B-32 and ViT-B-16 at batch 1 and 32, ViT-L-14 at batch 1 and 8 (only with
+FASTCLIP_BENCH_LARGE=1). Text: 256 captions of 5-40 words (bench/captions.py) through the ViT-B-32 text
+tower, tokenization included in every row: fastclip's ``embed_texts`` and ``encode_text(tokenizer(...))``,
+open_clip, ONNX Runtime and OpenVINO on open_clip's 77-token input, transformers with ``padding="longest"``
+and its attention mask.
 
 Each row's ``extra_info``: items_per_s (images/s or texts/s), latency_ms (mean time of one call),
 gflops_per_s (bench/flops.py) and fraction_of_sgemm (this machine's sgemm rate, bench/sgemm.py, measured
-in the same session); int8 rows add their cosine to open_clip fp32. Every implementation's output is
-checked against open_clip eager before it is timed.
+in the same session), precision (fp32, bf16 or int8); int8 and bf16 rows add their per-item cosine to
+open_clip fp32. Every implementation's output is checked against open_clip eager before it is timed
+(fp32: ``assert_close`` at 1e-4; bf16 rows and OpenVINO int8: per-item cosine >= 0.99). bench/report.py
+reads off the best peer of each precision.
 """
 import os
 
@@ -26,9 +38,11 @@ import torch
 from captions import realistic_captions
 from conftest import rate
 from flops import caption_flops, image_flops
+from peers import precision, unavailable
 from sgemm import SHAPES
 
-IMPLS = ["fastclip", "fastclip-int8", "open_clip", "torch.compile", "transformers", "ort-fp32", "ort-int8"]
+IMPLS = ["fastclip", "fastclip-int8", "fastclip-bf16", "open_clip", "open_clip-bf16", "torch.compile", "transformers",
+         "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8"]
 TEXT_IMPLS = ["fastclip", "fastclip encode_text", *IMPLS[1:]]
 LARGE = os.environ.get("FASTCLIP_BENCH_LARGE") == "1"
 IMAGE_ROUNDS = {  # architecture: {batch: rounds}
@@ -41,13 +55,19 @@ _INPUTS: dict = {}  # one input per (architecture, batch), so open_clip's refere
 _FLOPS: dict = {}
 
 
+def _missing(impl: str) -> list:
+    """A skip mark for an implementation whose optional packages are not installed."""
+    reason = unavailable(impl)
+    return [pytest.mark.skip(reason=reason)] if reason else []
+
+
 def _image_cases():
     skip_large = pytest.mark.skipif(not LARGE, reason="ViT-L-14 rows run with FASTCLIP_BENCH_LARGE=1")
     for arch, batches in IMAGE_ROUNDS.items():
         for batch in batches:
             for impl in IMPLS:
                 marks = [skip_large] if arch == "ViT-L-14" else []
-                yield pytest.param(arch, batch, impl, id=f"{arch}-b{batch}-{impl}", marks=marks)
+                yield pytest.param(arch, batch, impl, id=f"{arch}-b{batch}-{impl}", marks=marks + _missing(impl))
 
 
 def _build_or_skip(build, impl: str):
@@ -55,8 +75,8 @@ def _build_or_skip(build, impl: str):
     try:
         return build()
     except (ValueError, NotImplementedError) as exc:
-        if impl == "fastclip-int8":
-            pytest.skip(f"fastclip int8 is not available: {exc}")
+        if impl in ("fastclip-int8", "fastclip-bf16"):  # e.g. bf16 on a CPU without AVX512-BF16 / AMX
+            pytest.skip(f"{impl} is not available here: {exc}")
         raise
     except Exception as exc:
         if impl == "torch.compile" and not isinstance(exc, AssertionError):
@@ -66,7 +86,7 @@ def _build_or_skip(build, impl: str):
 
 def _record(benchmark, peers, impl: str, tower: str, items: int, flops_per_item: float, sgemm: float, **facts):
     rate(benchmark, items, flops_per_item, sgemm)
-    benchmark.extra_info.update(impl=impl, arch=peers.arch, workload=tower, **facts)
+    benchmark.extra_info.update(impl=impl, arch=peers.arch, workload=tower, precision=precision(impl), **facts)
     for key in (f"{impl} {tower}", f"ort-int8 {tower}" if impl == "ort-int8" else None):
         benchmark.extra_info.update(peers.info.get(key, {}))
 
@@ -80,7 +100,7 @@ def test_sgemm(benchmark, sgemm_gflops):
     benchmark.extra_info.update(impl="torch.mm", sgemm_gflops=sgemm_gflops)
 
 
-@pytest.mark.parametrize("impl", TEXT_IMPLS)
+@pytest.mark.parametrize("impl", [pytest.param(impl, marks=_missing(impl)) for impl in TEXT_IMPLS])
 def test_captions(benchmark, peer_set, sgemm_gflops, impl):
     peers = peer_set("ViT-B-32")
     benchmark.group = f"ViT-B-32 text, {len(CAPTIONS)} captions"

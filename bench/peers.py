@@ -3,31 +3,81 @@
 Weights are drawn once by transformers' ``CLIPModel`` (seeded), renamed into fastclip's layout with
 ``fastclip.loading.keymaps.from_hf`` and from there into open_clip's (``openclip_state_dict``), so open_clip,
 open_clip under ``torch.compile``, transformers, ONNX Runtime (the exported open_clip towers, fp32 and
-dynamic int8) and fastclip all compute with the same numbers. Every peer's output is checked against
-open_clip eager on the benchmark's own input the first time it runs (fp32: ``assert_close`` at 1e-4;
-int8: per-item cosine, recorded), so a wrong peer fails loudly instead of being timed.
+dynamic int8), OpenVINO (the same exports) and fastclip all compute with the same numbers. Every peer's
+output is checked against open_clip eager on the benchmark's own input the first time it runs (fp32:
+``assert_close`` at 1e-4; int8 and bf16: per-item cosine, recorded, and for every bf16 peer and the OpenVINO
+int8 one required to be >= ``MIN_COSINE``), so a wrong peer fails loudly instead of being timed.
 
-ONNX files are cached under ``FASTCLIP_BENCH_CACHE`` (default ``~/.cache/fastclip-bench``) in a folder
-named by architecture and a fingerprint of the weights.
+Peers: ``fastclip`` / ``fastclip-int8`` / ``fastclip-bf16`` (``fastclip.load``, precision fp32 / int8 / bf16;
+bf16 runs oneDNN bf16 GEMMs and raises ValueError on CPUs without AVX512-BF16 or AMX, where bench/bench_e2e.py
+skips its rows with that reason), ``open_clip`` (eager), ``open_clip-bf16`` (eager, a copy of the model and its
+image input in bfloat16),
+``torch.compile`` (open_clip's encoders, default mode, static shapes), ``transformers``, ``ort-fp32`` and
+``ort-int8`` (ONNX Runtime, CPU provider, torch's thread count, every graph optimisation; int8: the faster of
+per-tensor / per-channel ``quantize_dynamic`` with cosine >= 0.99), and OpenVINO's CPU plugin
+(``openvino.Core().compile_model`` with ``INFERENCE_NUM_THREADS`` = torch's thread count) on the ONNX export
+converted to IR by ``openvino.convert_model``:
+
+* ``ov-fp32``: ``INFERENCE_PRECISION_HINT=f32`` (the plugin's default is bf16 on CPUs with AMX or
+  AVX512-BF16, which would not be an fp32 peer);
+* ``ov-bf16``: ``INFERENCE_PRECISION_HINT=bf16``, a precision of its own;
+* ``ov-int8``: ``nncf.quantize`` of the IR (``model_type=TRANSFORMER``, ``target_device=CPU``, the default
+  MIXED preset), calibrated on ``OV_CALIBRATION`` inputs of the benchmark's kind (standard-normal images;
+  bench/captions.py captions, tokenized as open_clip does) drawn from another seed than the benchmarks';
+  f32 for the ops it leaves unquantised.
+
+Each OpenVINO peer runs under ``PERFORMANCE_HINT=LATENCY`` on one item; on a batch it runs under whichever
+of LATENCY (one request on all threads) and THROUGHPUT (the batch split over the plugin's optimal number of
+requests, run at once on its streams) was faster on the benchmark's own input; the choice, both timings and
+the compiled settings go in ``info``. ``unavailable(impl)`` names the optional packages a peer lacks.
+
+ONNX files and OpenVINO IR (``openvino.xml``, ``openvino-int8-cal<N>.xml``, fp32 weights kept) are cached under
+``FASTCLIP_BENCH_CACHE`` (default ``~/.cache/fastclip-bench``) in a folder named by architecture and a
+fingerprint of the weights.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 CACHE = Path(os.environ.get("FASTCLIP_BENCH_CACHE", Path.home() / ".cache" / "fastclip-bench"))
 ATOL = RTOL = 1e-4  # fp32 peers vs open_clip eager
-MIN_COSINE = 0.99  # int8 peers vs fp32
+MIN_COSINE = 0.99  # int8 and bf16 peers vs fp32 (fastclip.tolerance.MIN_COSINE)
+# OpenVINO peers: INFERENCE_PRECISION_HINT of each (the CPU plugin's default is bf16 on CPUs with AMX or
+# AVX512-BF16, which would make "ov-fp32" a bf16 peer); ov-int8 runs NNCF's int8 ops and f32 everywhere else,
+# like fastclip int8 and ONNX Runtime's dynamic int8.
+OV_PRECISION = {"ov-fp32": "f32", "ov-bf16": "bf16", "ov-int8": "f32"}
+OV_CALIBRATION = {"image": 64, "text": 128}  # NNCF calibration items per tower, one input each
+# nncf.quantize's options beyond the dataset (its preset is then MIXED: symmetric int8 weights per channel,
+# asymmetric activations per tensor, SmoothQuant on the MatMuls).
+OV_INT8_OPTIONS = {"model_type": "TRANSFORMER", "target_device": "CPU"}
+# Packages each optional peer needs (a row whose packages are missing is skipped, see ``unavailable``).
+NEEDS = {"ort-fp32": ("onnx", "onnxscript", "onnxruntime"), "ort-int8": ("onnx", "onnxscript", "onnxruntime"),
+         "ov-fp32": ("onnx", "onnxscript", "openvino"), "ov-bf16": ("onnx", "onnxscript", "openvino"),
+         "ov-int8": ("onnx", "onnxscript", "openvino", "nncf")}
 
 Encoder = Callable  # pixels (B, 3, S, S) -> (B, E), or captions list[str] -> (B, E)
+
+
+def unavailable(impl: str) -> str | None:
+    """Why ``impl`` cannot run here (an optional package it needs is not installed), or None."""
+    missing = [name for name in NEEDS.get(impl, ()) if importlib.util.find_spec(name) is None]
+    return f"{impl} needs {', '.join(missing)} (pip install 'fastclip[bench]')" if missing else None
+
+
+def precision(impl: str) -> str:
+    """The precision ``impl`` computes in: "int8", "bf16" or "fp32" (tables group peers by it)."""
+    return "int8" if "int8" in impl else "bf16" if "bf16" in impl else "fp32"
 
 
 def per_item_cosine(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
@@ -83,7 +133,7 @@ def hf_tokenizer():
     """transformers ``CLIPTokenizer`` over OpenAI's BPE (the file bundled with fastclip), no download."""
     import transformers
 
-    from fastclip.tokenizer import _clip_vocab
+    from fastclip.data.tokenizers import _clip_vocab
 
     tokens, merges = _clip_vocab()
     special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
@@ -105,7 +155,9 @@ class _Tower(torch.nn.Module):
 class PeerSet:
     """Every implementation of one architecture on the same weights; each is built on first use."""
 
-    def __init__(self, arch: str, seed: int = 0):
+    def __init__(self, arch: str, seed: int = 0, model_name: str | None = None):
+        """``model_name``: the config fastclip and open_clip build (default ``<arch>-quickgelu``; any QuickGELU
+        CLIP both have registered, e.g. a tiny one in the tests)."""
         import open_clip
         import transformers
 
@@ -113,16 +165,17 @@ class PeerSet:
         from fastclip.loading import keymaps
 
         self.arch = arch
-        self.cfg = fastclip.get_model_config(f"{arch}-quickgelu")
+        self.model_name = model_name or f"{arch}-quickgelu"
+        self.cfg = fastclip.get_model_config(self.model_name)
         torch.manual_seed(seed)
         self.hf = transformers.CLIPModel(hf_config(self.cfg)).eval()
         self.state_dict = keymaps.from_hf(dict(self.hf.state_dict()), self.cfg)
-        self.open_clip = open_clip.create_model(f"{arch}-quickgelu", pretrained=None).eval()
+        self.open_clip = open_clip.create_model(self.model_name, pretrained=None).eval()
         self.open_clip.load_state_dict(openclip_state_dict(self.state_dict), strict=True)
         self.cache_dir = CACHE / f"{arch}-{_weights_fingerprint(self.state_dict)}"
         self.info: dict[str, dict] = {}  # "<impl> <tower>" -> facts found at build time (cosines, choices)
         self._reference: dict[tuple, tuple] = {}  # (tower, id(input)) -> (input, open_clip eager output)
-        self._built: dict[tuple, object] = {}  # fastclip models and ONNX Runtime sessions, built once
+        self._built: dict[tuple, object] = {}  # fastclip models, ONNX Runtime sessions, OpenVINO models, built once
 
     # ------------------------------------------------------------------ fastclip
     def fastclip(self, precision: str = "fp32"):
@@ -132,7 +185,7 @@ class PeerSet:
 
         key = ("fastclip", precision)
         if key not in self._built:
-            self._built[key] = fastclip.load(f"{self.arch}-quickgelu", pretrained=self.checkpoint_path(),
+            self._built[key] = fastclip.load(self.model_name, pretrained=self.checkpoint_path(),
                                              precision=precision)
         return self._built[key]
 
@@ -165,11 +218,19 @@ class PeerSet:
     def open_clip_tokenizer(self):
         import open_clip
 
-        return open_clip.get_tokenizer(f"{self.arch}-quickgelu")
+        return open_clip.get_tokenizer(self.model_name)
 
     @functools.cached_property
     def hf_tokenizer(self):
         return hf_tokenizer()
+
+    @functools.cached_property
+    def open_clip_bf16(self):
+        """open_clip eager with every parameter and buffer in bfloat16 (``open_clip-bf16``; its image input is
+        cast to bfloat16 too, token ids stay integers)."""
+        import copy
+
+        return copy.deepcopy(self.open_clip).to(torch.bfloat16).eval()
 
     # ------------------------------------------------------------------ torch.compile
     @functools.cached_property
@@ -252,6 +313,89 @@ class PeerSet:
             self._built[key] = self.ort_session(self.onnx_path(tower))
         return self._built[key]
 
+    # ------------------------------------------------------------------ OpenVINO
+    def ov_ir_path(self, tower: str) -> Path:
+        """The ONNX export (``onnx_path``) converted by ``openvino.convert_model`` and saved as OpenVINO IR with
+        its fp32 weights kept (``compress_to_fp16=False``): ``<tower>/openvino.xml`` (+ ``.bin``)."""
+        import openvino as ov
+
+        path = self.onnx_path(tower).with_name("openvino.xml")
+        if not path.is_file():
+            _save_ir(ov.convert_model(str(self.onnx_path(tower))), path)
+        return path
+
+    def ov_int8_path(self, tower: str) -> Path:
+        """NNCF post-training quantisation of the OpenVINO IR (``nncf.quantize``, ``OV_INT8_OPTIONS``), calibrated
+        on ``ov_calibration(tower)``: ``<tower>/openvino-int8-cal<N>.xml`` (+ ``.bin``)."""
+        import nncf
+        import openvino as ov
+
+        items = self.ov_calibration(tower)
+        path = self.onnx_path(tower).with_name(f"openvino-int8-cal{len(items)}.xml")
+        if not path.is_file():
+            model = ov.Core().read_model(str(self.ov_ir_path(tower)))
+            quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items),
+                                      model_type=nncf.ModelType[OV_INT8_OPTIONS["model_type"]],
+                                      target_device=nncf.TargetDevice[OV_INT8_OPTIONS["target_device"]])
+            _save_ir(quantized, path)
+        return path
+
+    def ov_calibration(self, tower: str) -> list:
+        """NNCF's calibration set, one item per inference: ``OV_CALIBRATION["image"]`` standard-normal images
+        (the kind of input the benchmarks time, drawn from another seed) or ``OV_CALIBRATION["text"]`` captions
+        of bench/captions.py (another seed than the benchmarks'), tokenized as open_clip does (77 tokens)."""
+        if tower == "image":
+            size = self.cfg.vision.image_size
+            pixels = torch.randn(OV_CALIBRATION["image"], 3, size, size, generator=torch.Generator().manual_seed(1000))
+            return [x[None].numpy() for x in pixels]
+        from captions import realistic_captions
+
+        tokens = self.open_clip_tokenizer(realistic_captions(OV_CALIBRATION["text"], seed=1000))
+        return [t[None].numpy() for t in tokens]
+
+    def ov_compiled(self, impl: str, tower: str, hint: str):
+        """``openvino.Core().compile_model`` of ``impl``'s IR on the CPU: ``PERFORMANCE_HINT=hint``, torch's thread
+        count, and the ``INFERENCE_PRECISION_HINT`` of ``OV_PRECISION[impl]`` (f32 unless the peer is bf16)."""
+        import openvino as ov
+
+        key = ("openvino", impl, tower, hint)
+        if key not in self._built:
+            path = self.ov_int8_path(tower) if impl == "ov-int8" else self.ov_ir_path(tower)
+            config = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                      "INFERENCE_PRECISION_HINT": OV_PRECISION[impl]}
+            self._built[key] = ov.Core().compile_model(str(path), "CPU", config)
+        return self._built[key]
+
+    def ov_encoder(self, impl: str, tower: str, example: torch.Tensor) -> Callable:
+        """``impl`` (``ov-fp32``, ``ov-bf16``, ``ov-int8``) on ``example``'s batch size: LATENCY for one item; for
+        more, the faster on ``example`` of LATENCY (one request on every thread) and THROUGHPUT (the batch split
+        over the plugin's optimal number of requests, run as parallel streams). The compiled settings, both
+        timings and the choice go in ``info``."""
+        key = ("openvino-runner", impl, tower, example.shape[0])
+        if key in self._built:
+            return self._built[key]
+        hints = ("LATENCY",) if example.shape[0] == 1 else ("LATENCY", "THROUGHPUT")
+        trials = {}
+        for hint in hints:
+            run = _OvRunner(self.ov_compiled(impl, tower, hint))
+            run(example)  # warm-up
+            trials[hint] = (run, min(_seconds(run, example) for _ in range(2)) if len(hints) > 1 else None)
+        choice = min(trials, key=lambda h: trials[h][1] or 0.0)
+        compiled = self.ov_compiled(impl, tower, choice)
+        info = {"performance_hint": choice,
+                "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
+                "inference_num_threads": compiled.get_property("INFERENCE_NUM_THREADS"),
+                "num_streams": int(compiled.get_property("NUM_STREAMS")),
+                "infer_requests": trials[choice][0].requests}
+        if len(hints) > 1:
+            info.update({f"seconds_{h}": round(v[1], 4) for h, v in trials.items()})
+        if impl == "ov-int8":
+            options = ", ".join(f"{k}={v}" for k, v in OV_INT8_OPTIONS.items())
+            info["quantization"] = f"nncf.quantize({options}), {len(self.ov_calibration(tower))} calibration items"
+        self.info[f"{impl} {tower}"] = info
+        self._built[key] = trials[choice][0]
+        return self._built[key]
+
     # ------------------------------------------------------------------ encoders by name
     def image_encoder(self, impl: str, pixels: torch.Tensor) -> Encoder:
         """pixels -> features for ``impl``, checked against open_clip eager on ``pixels`` (also the warm-up)."""
@@ -259,8 +403,13 @@ class PeerSet:
             fn = self.fastclip().encode_image
         elif impl == "fastclip-int8":
             fn = self.fastclip("int8").encode_image
+        elif impl == "fastclip-bf16":
+            fn = self.fastclip("bf16").encode_image
         elif impl == "open_clip":
             fn = self.open_clip.encode_image
+        elif impl == "open_clip-bf16":
+            def fn(x):
+                return self.open_clip_bf16.encode_image(x.to(torch.bfloat16))
         elif impl == "torch.compile":
             fn = self.compiled["image"]
         elif impl == "transformers":
@@ -270,6 +419,8 @@ class PeerSet:
             fn = self.ort_fp32("image")
         elif impl == "ort-int8":
             fn = self.ort_int8("image", pixels)
+        elif impl in OV_PRECISION:
+            fn = self.ov_encoder(impl, "image", pixels)
         else:
             raise ValueError(f"unknown implementation {impl!r}")
         self._check(impl, "image", fn, pixels)
@@ -288,9 +439,14 @@ class PeerSet:
                 return model.encode_text(model.tokenizer(texts))
         elif impl == "fastclip-int8":
             fn = self.fastclip("int8").embed_texts
+        elif impl == "fastclip-bf16":
+            fn = self.fastclip("bf16").embed_texts
         elif impl == "open_clip":
             def fn(texts):
                 return self.open_clip.encode_text(oc_tok(texts))
+        elif impl == "open_clip-bf16":
+            def fn(texts):
+                return self.open_clip_bf16.encode_text(oc_tok(texts))
         elif impl == "torch.compile":
             def fn(texts, compiled=self.compiled["text"]):
                 return compiled(oc_tok(texts))
@@ -304,6 +460,11 @@ class PeerSet:
 
             def fn(texts):
                 return run(oc_tok(texts))
+        elif impl in OV_PRECISION:  # the same export, the same 77-token input
+            run = self.ov_encoder(impl, "text", oc_tok(captions))
+
+            def fn(texts):
+                return run(oc_tok(texts))
         else:
             raise ValueError(f"unknown implementation {impl!r}")
         self._check(impl, "text", fn, captions)
@@ -313,12 +474,15 @@ class PeerSet:
         with torch.inference_mode():
             got = torch.as_tensor(fn(inputs))  # embed_texts returns a numpy array
         want = self.reference(tower, inputs)
-        if impl == "fastclip" and tower == "text":  # embed_texts returns L2-normalised rows
+        if impl == "fastclip" and tower == "text":  # embed_texts returns L2-normalised rows (cosine: scale-free)
             want = F.normalize(want, dim=-1)
-        if "int8" in impl:
+        if precision(impl) != "fp32":
             cosine = per_item_cosine(got, want)
             self.info.setdefault(f"{impl} {tower}", {}).update(
                 min_cosine_to_fp32=round(cosine.min().item(), 5), mean_cosine_to_fp32=round(cosine.mean().item(), 5))
+            if impl not in ("fastclip-int8", "ort-int8") and cosine.min().item() < MIN_COSINE:
+                raise AssertionError(f"{self.arch} {tower} {impl} disagrees with open_clip eager: per-item cosine "
+                                     f"{cosine.min().item():.5f} < {MIN_COSINE}")
         else:
             check_close(f"{self.arch} {tower} {impl}", got, want)
 
@@ -326,6 +490,46 @@ class PeerSet:
 def _features(out):
     """transformers 5 may return a model output instead of a tensor from get_*_features."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _save_ir(model, path: Path) -> None:
+    """Save an OpenVINO model as IR at ``path`` (.xml + .bin) with fp32 weights kept; complete files only."""
+    import openvino as ov
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.stem + ".partial.xml")
+    ov.save_model(model, str(staging), compress_to_fp16=False)
+    staging.with_suffix(".bin").rename(path.with_suffix(".bin"))
+    staging.rename(path)  # the .xml last: it marks the IR complete
+
+
+class _OvRunner:
+    """Tensor in, features out through a compiled OpenVINO model. One request (LATENCY): the whole batch on
+    it. More (THROUGHPUT): the batch split into one slice per request, run at once on the plugin's streams."""
+
+    def __init__(self, compiled):
+        import openvino as ov
+
+        self.requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.request = compiled.create_infer_request()
+        self.queue = ov.AsyncInferQueue(compiled, self.requests) if self.requests > 1 else None
+        self._outputs: dict[int, object] = {}
+        if self.queue is not None:
+            self.queue.set_callback(self._done)
+
+    def _done(self, request, index: int) -> None:
+        self._outputs[index] = request.get_output_tensor(0).data.copy()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        if self.queue is None or x.shape[0] == 1:
+            return torch.from_numpy(self.request.infer([x.numpy()], share_inputs=True, share_outputs=False)[0])
+        chunks = torch.tensor_split(x, min(self.requests, x.shape[0]))
+        self._outputs.clear()
+        for index, chunk in enumerate(chunks):
+            self.queue.start_async([chunk.numpy()], userdata=index, share_inputs=True)
+        self.queue.wait_all()
+        return torch.from_numpy(np.concatenate([self._outputs[i] for i in range(len(chunks))]))
 
 
 def _seconds(fn, x) -> float:

@@ -3,10 +3,15 @@
     python -m pytest bench/bench_e2e.py bench/bench_jpeg.py --benchmark-json /tmp/e2e.json
     python bench/report.py /tmp/e2e.json
 
-(``FASTCLIP_BENCH_LARGE=1`` before the first command adds the ViT-L-14 rows.) Per group: each
-implementation's rate (images/s or texts/s; batch-1 groups show latency), GFLOP/s as a fraction of the
-sgemm rate measured in the same run, and fastclip's speed-up over it (> 1: fastclip is faster; int8
-rows are compared with fastclip int8). Groups appear in the order they ran.
+(``FASTCLIP_BENCH_LARGE=1`` before the first command adds the ViT-L-14 rows; bench/bench_int8.py's JSON
+reads the same way.) Per group: each implementation's rate (images/s or texts/s; batch-1 groups show
+latency), GFLOP/s as a fraction of the sgemm rate measured in the same run, and fastclip's speed-up over
+it (> 1: fastclip is faster; int8 rows are compared with fastclip int8, bf16 rows with fastclip bf16). Groups
+appear in the order they ran. Then the best peer of each precision per group (fp32: open_clip, torch.compile,
+transformers, ONNX Runtime, OpenVINO; int8: ONNX Runtime, OpenVINO; bf16: open_clip in bfloat16, OpenVINO;
+int8 and bf16 peers with cosine >= 0.99 only) with fastclip's ratio to the best fp32 peer, fastclip int8's
+to the best int8 peer and fastclip bf16's to the best bf16 peer (throughput at batch 32 and for the
+captions; latency in batch-1 groups; > 1: fastclip is faster), and the speed targets.
 """
 from __future__ import annotations
 
@@ -50,11 +55,12 @@ def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
 
 
 def _speedup_base(group: str, impl: str, rows: dict[str, dict]) -> dict | None:
-    """The fastclip row a row is compared with: fastclip int8 for int8 rows, embed_images' encoder for
-    the JPEG group, else fastclip."""
+    """The fastclip row a row is compared with: fastclip int8 for int8 rows, fastclip bf16 for bf16 rows,
+    embed_images' encoder for the JPEG group, else fastclip."""
     if "JPEG" in group:
         return rows.get("embed_images")
-    return rows.get("fastclip-int8" if "int8" in impl else FASTCLIP)
+    return rows.get({"int8": "fastclip-int8", "bf16": "fastclip-bf16"}.get(precision_of(impl, rows.get(impl, {})),
+                                                                         FASTCLIP))
 
 
 def group_table(group: str, rows: dict[str, dict]) -> list[str]:
@@ -68,11 +74,74 @@ def group_table(group: str, rows: dict[str, dict]) -> list[str]:
         value = row.get("latency_ms") if batch1 else row.get("items_per_s")
         base = _speedup_base(group, impl, rows)
         ratio = base["items_per_s"] / row["items_per_s"] if base and row.get("items_per_s") else None
-        extra = ""
+        notes = []
         if "min_cosine_to_fp32" in row:
-            extra = f" (cosine to fp32 ≥ {row['min_cosine_to_fp32']:.4f}{', ' + row['quantization'] if 'quantization' in row else ''})"
+            notes.append(f"cosine to fp32 ≥ {row['min_cosine_to_fp32']:.4f}")
+        if "quantization" in row:
+            notes.append(row["quantization"])
+        if "performance_hint" in row:
+            notes.append(f"{row['performance_hint']}, {row.get('inference_precision', '?')}")
+        extra = f" ({', '.join(notes)})" if notes else ""
         lines.append(f"| {impl}{extra} | {_fmt(value)} | {_fmt(row.get('gflops_per_s'))} | "
                      f"{_fmt(row.get('fraction_of_sgemm'), '.2f')} | {_fmt(ratio, '.2f', 'x')} |")
+    return lines + [""]
+
+
+def precision_of(impl: str, row: dict) -> str:
+    """A row's precision: recorded by the benches, else read off the name (as bench/peers.py does)."""
+    return row.get("precision") or ("int8" if "int8" in impl else "bf16" if "bf16" in impl else "fp32")
+
+
+def is_peer(impl: str) -> bool:
+    """Every row but fastclip's own (fastclip, fastclip encode_text, fastclip-int8, the JPEG rows)."""
+    return not impl.startswith("fastclip") and impl not in ("embed_images", "encode_image")
+
+
+def best_peers(rows: dict[str, dict], batch1: bool) -> dict[str, str]:
+    """{precision: the fastest peer of it} (lowest latency in batch-1 groups, else highest rate); int8 and
+    bf16 peers below MIN_COSINE to fp32 are not eligible."""
+    best: dict[str, str] = {}
+    for impl, row in rows.items():
+        if not is_peer(impl) or row.get("items_per_s") is None:
+            continue
+        prec = precision_of(impl, row)
+        if prec != "fp32" and (row.get("min_cosine_to_fp32") or 0.0) < MIN_COSINE:
+            continue
+        if prec not in best or _speed(row, batch1) > _speed(rows[best[prec]], batch1):
+            best[prec] = impl
+    return best
+
+
+def _speed(row: dict, batch1: bool) -> float:
+    """Larger is faster: items/s, or the inverse latency in batch-1 groups."""
+    return 1e3 / row["latency_ms"] if batch1 else row["items_per_s"]
+
+
+def best_peers_row(group: str, rows: dict[str, dict]) -> str:
+    """One group's line of the best-peers table."""
+    batch1 = group.endswith("batch 1")
+    key, unit = ("latency_ms", "ms") if batch1 else ("items_per_s", "texts/s" if "text" in group else "img/s")
+    best = best_peers(rows, batch1)
+
+    def cell(prec: str) -> str:
+        impl = best.get(prec)
+        return "—" if impl is None else f"{impl} ({_fmt(rows[impl].get(key))} {unit})"
+
+    def ratio(ours: str, prec: str) -> str:
+        if ours not in rows or prec not in best or rows[ours].get("items_per_s") is None:
+            return "—"
+        return f"{_speed(rows[ours], batch1) / _speed(rows[best[prec]], batch1):.2f}x"
+
+    return (f"| {group} | {cell('fp32')} | {ratio(FASTCLIP, 'fp32')} | {cell('int8')} | "
+            f"{ratio('fastclip-int8', 'int8')} | {cell('bf16')} | {ratio('fastclip-bf16', 'bf16')} |")
+
+
+def best_peers_table(groups: dict[str, dict[str, dict]]) -> list[str]:
+    lines = ["### Best peer of each precision", "",
+             "| group | best fp32 peer | fastclip vs it | best int8 peer | fastclip-int8 vs it | best bf16 peer "
+             "| fastclip-bf16 vs it |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [best_peers_row(group, rows) for group, rows in groups.items() if "JPEG" not in group]
     return lines + [""]
 
 
@@ -108,7 +177,7 @@ def report(path: str) -> str:
              "encoder's 1600x768 @ 768x3072)", ""]
     for group in groups:
         lines += group_table(group, groups[group])
-    return "\n".join(lines + targets_table(groups))
+    return "\n".join(lines + best_peers_table(groups) + targets_table(groups))
 
 
 if __name__ == "__main__":

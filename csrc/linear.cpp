@@ -1,15 +1,24 @@
-// linear: y = act(x @ W^T + bias), fp32, on CPUs with AVX-512F, with W packed once into panels.
+// linear: y = act(x @ W^T + bias), fp32, with W packed once into panels of output columns. Two paths,
+// picked at run time by the CPU's features, each with its own panel width and so its own pack layout:
 //
-//   W: (N, K) rows of stride ldw (torch's linear weight), packed by linear_pack into ceil(N / 32) panels
-//      of 32 output columns: packed[(p * K + k) * 32 + j] = W[32 p + j, k] (zero past N). The pack is
+//   AVX-512F (while avx512_enabled(): FASTCLIP_DISABLE_AVX512 / set_avx512(false) switch it off): panels
+//     of 32 columns, tiles of MR <= 12 rows x 32 (24 zmm accumulators), below.
+//   AVX2 + FMA (every other CPU the extension runs on, e.g. AMD Zen 2/3): panels of 16 columns, tiles of
+//     MR <= 6 rows x 16 (12 ymm accumulators, two panel loads, one broadcast), csrc/linear_avx2.h.
+//
+// linear_panel_width() names the path that runs now (32 or 16); linear_pack and linear take the width, and
+// a pack runs only on the path of its width (a pack made before set_avx512 flipped is refused, not misread).
+//
+//   W: (N, K) rows of stride ldw (torch's linear weight), packed by linear_pack into ceil(N / NR) panels
+//      of NR output columns: packed[(p * K + k) * NR + j] = W[NR p + j, k] (zero past N). The pack is
 //      the size of W (plus the padding of the last panel) and does not depend on M.
 //   x: (M, K) rows of stride sx (unit stride on K); bias: (N,) or none; y: (M, N) rows of stride sy.
 //   act: none / gelu / gelu_tanh / quick_gelu (csrc/activation.h, the same code as bias_act).
 //
-// Blocking. A tile is MR <= 12 rows x 32 columns: 24 zmm accumulators, two panel loads and 12 broadcasts
-// per k. K is swept in chunks of ~256: a panel's chunk (32 KiB) stays in L1 while every row tile of the
-// block passes over it. Rows are cut into blocks of at most ~1 MiB of x (they stay in L2 across the
-// panels) and each block into tiles of near-equal height (50 rows -> five tiles of 10, never a thin
+// Blocking. A tile is MR rows x NR columns. K is swept in chunks of ~256: a panel's chunk (32 KiB at 32
+// columns, 16 KiB at 16 -- within a 48 or 32 KiB L1) stays in L1 while every row tile of the block
+// passes over it. Rows are cut into blocks (their chunk of x stays in L2 across the panels) and each
+// block into tiles of near-equal height (50 rows -> five tiles of 10, or nine of 5-6, never a thin
 // tail). Threads (torch's OpenMP pool) take (row block, panel range) items; with one row block -- small
 // batches -- each thread streams its own contiguous range of panels.
 //
@@ -17,28 +26,31 @@
 // cache: while the tiles of one panel chunk run, they prefetch the chunk that comes next into L2 (each
 // tile a share of it, spread evenly over its k loop), so the next chunk is waiting when they get there.
 // Inside ViT-B-32 at batch 1 (50 rows, 340 MB of weights streamed per image) this is the difference
-// between about 0.61 of the sgemm rate (MKL's packed GEMM) and 0.87 (bench/bench_cpu_ops.py, streamed).
+// between about 0.61 of the sgemm rate (MKL's packed GEMM) and 0.87 (bench/bench_cpu_ops.py, streamed;
+// AVX-512 path, Intel Xeon with AVX-512). AVX2 path: @AVX2_FIGURES@
 //
-// Each output element is summed by one thread in one order, so results do not depend on the thread count.
+// Each output element is summed by one thread in one order (k ascending, one FMA chain), so results do
+// not depend on the thread count -- nor on the path: both paths compute every output bit for bit alike.
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
+#include <string>
 
 #include "activation.h"
 #include "common.h"
 #include "gemm512.h"
+#include "linear_avx2.h"
 
 namespace py = pybind11;
 
 namespace fastclip {
 namespace {
 
+// The AVX-512 path.
 constexpr int64_t kNR = 32;                  // output columns per panel (two zmm)
 constexpr int kMaxMR = 12;                   // rows per tile
 constexpr int64_t kKC = 256;                 // k per chunk: a panel chunk is kKC x 32 floats (32 KiB)
 constexpr int64_t kBlockBytes = 1 << 20;     // x rows per block: about this many bytes
-
-int64_t packed_size(int64_t N, int64_t K) { return ceil_div(N, kNR) * kNR * K; }
 
 }  // namespace
 }  // namespace fastclip
@@ -165,47 +177,82 @@ void linear_f32(const float* x, int64_t sx, const float* packed, const float* bi
   });
 }
 
-void pack(const float* w, int64_t ldw, int64_t N, int64_t K, float* out) {
-  const int64_t panels = ceil_div(N, kNR);
-  parallel_for(panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      float* dst = out + p * kNR * K;
-      const int64_t n0 = p * kNR, valid = std::min<int64_t>(kNR, N - n0);
-      for (int64_t k = 0; k < K; ++k) {
-        for (int64_t j = 0; j < valid; ++j) dst[k * kNR + j] = w[(n0 + j) * ldw + k];
-        for (int64_t j = valid; j < kNR; ++j) dst[k * kNR + j] = 0.0f;
-      }
-    }
-  });
-}
-
 }  // namespace
 }  // namespace fastclip
 
 #pragma GCC pop_options
 
 namespace fastclip {
+namespace {
+
+bool panel_known(int64_t panel) { return panel == kNR || panel == avx2_linear::kNR2; }
+
+int64_t packed_size(int64_t N, int64_t K, int64_t panel) {
+  if (!panel_known(panel)) throw std::invalid_argument("linear_packed_size: panel must be 16 or 32");
+  return ceil_div(N, panel) * panel * K;
+}
+
+// The panel width of the path that runs now: 32 (AVX-512 enabled), 16 (AVX2 + FMA), 0 (neither).
+int64_t panel_width() { return avx512_enabled() ? kNR : cpu_supported() ? avx2_linear::kNR2 : 0; }
+
+// Packs of `panel` columns run on the path of that width: it must be the one that runs now.
+void check_panel(int64_t panel, const char* op) {
+  if (!panel_known(panel)) throw std::invalid_argument(std::string(op) + ": panel must be 16 or 32");
+  if (panel != panel_width())
+    throw std::runtime_error(std::string(op) + ": a " + std::to_string(panel) + "-column pack needs the " +
+                             (panel == kNR ? "AVX-512" : "AVX2") + " path, which does not run now " +
+                             "(linear_panel_width() = " + std::to_string(panel_width()) + ")");
+}
+
+// w: (N, K) rows ldw apart -> out: ceil(N / nr) panels of nr columns, out[(p K + k) nr + j] = w[nr p + j, k].
+void pack(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t nr, float* out) {
+  parallel_for(ceil_div(N, nr), 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      float* dst = out + p * nr * K;
+      const int64_t n0 = p * nr, valid = std::min<int64_t>(nr, N - n0);
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t j = 0; j < valid; ++j) dst[k * nr + j] = w[(n0 + j) * ldw + k];
+        for (int64_t j = valid; j < nr; ++j) dst[k * nr + j] = 0.0f;
+      }
+    }
+  });
+}
+
+template <int ACT>
+void run(int64_t panel, const float* x, int64_t sx, const float* packed, const float* bias, float* y, int64_t sy,
+         int64_t M, int64_t N, int64_t K) {
+  if (panel == kNR) linear_f32<ACT>(x, sx, packed, bias, y, sy, M, N, K);
+  else avx2_linear::linear_f32<ACT>(x, sx, packed, bias, y, sy, M, N, K);
+}
+
+}  // namespace
 
 void bind_linear(py::module_& m) {
-  m.def("linear_supported", &avx512_present,
-        "True if the packed linear kernel runs here (AVX-512F, not disabled by FASTCLIP_DISABLE_AVX512).");
-  m.def("linear_packed_size", &packed_size, py::arg("N"), py::arg("K"), "Floats in the pack of an (N, K) weight.");
+  m.def("linear_supported", &cpu_supported,
+        "True if the packed linear kernel runs here: its AVX2 + FMA path on any such CPU, its AVX-512 path "
+        "where linear_panel_width() is 32.");
+  m.def("linear_panel_width", &panel_width,
+        "Columns per panel of the packed linear path that runs now: 32 (AVX-512, while avx512 is enabled), "
+        "16 (AVX2 + FMA), 0 (none). A pack has the layout of one width and runs only on that path.");
+  m.def("linear_packed_size", &packed_size, py::arg("N"), py::arg("K"), py::arg("panel"),
+        "Floats in the pack of an (N, K) weight in panels of `panel` (16 or 32) columns.");
   m.def(
       "linear_pack",
-      [](uintptr_t w, int64_t ldw, int64_t N, int64_t K, uintptr_t out) {
-        if (!avx512_present()) throw std::runtime_error("linear_pack: AVX-512F is absent or disabled");
+      [](uintptr_t w, int64_t ldw, int64_t N, int64_t K, int64_t panel, uintptr_t out) {
+        check_panel(panel, "linear_pack");
         if (N <= 0 || K <= 0 || ldw < K) throw std::invalid_argument("linear_pack: need N, K > 0 and ldw >= K");
         py::gil_scoped_release release;
-        pack(reinterpret_cast<const float*>(w), ldw, N, K, reinterpret_cast<float*>(out));
+        pack(reinterpret_cast<const float*>(w), ldw, N, K, panel, reinterpret_cast<float*>(out));
       },
       py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
-      py::arg("w"), py::arg("ldw"), py::arg("N"), py::arg("K"), py::arg("out"),
-      "Pack the (N, K) fp32 weight w (rows ldw apart) into out (linear_packed_size(N, K) floats).");
+      py::arg("w"), py::arg("ldw"), py::arg("N"), py::arg("K"), py::arg("panel"), py::arg("out"),
+      "Pack the (N, K) fp32 weight w (rows ldw apart) into out (linear_packed_size(N, K, panel) floats) in "
+      "panels of `panel` columns; panel must be linear_panel_width().");
   m.def(
       "linear",
-      [](uintptr_t x, int64_t sx, uintptr_t packed, uintptr_t bias, uintptr_t y, int64_t sy, int64_t M, int64_t N,
-         int64_t K, int act) {
-        if (!avx512_present()) throw std::runtime_error("linear: AVX-512F is absent or disabled");
+      [](uintptr_t x, int64_t sx, uintptr_t packed, int64_t panel, uintptr_t bias, uintptr_t y, int64_t sy, int64_t M,
+         int64_t N, int64_t K, int act) {
+        check_panel(panel, "linear");
         if (act < 0 || act >= kNumActs) throw std::invalid_argument("linear: unknown activation code");
         if (M < 0 || N <= 0 || K <= 0 || sx < 0 || sy < N) throw std::invalid_argument("linear: bad sizes or strides");
         const auto* xp = reinterpret_cast<const float*>(x);
@@ -214,17 +261,17 @@ void bind_linear(py::module_& m) {
         auto* yp = reinterpret_cast<float*>(y);
         py::gil_scoped_release release;
         switch (act) {
-          case kNone: linear_f32<kNone>(xp, sx, pp, bp, yp, sy, M, N, K); break;
-          case kGelu: linear_f32<kGelu>(xp, sx, pp, bp, yp, sy, M, N, K); break;
-          case kGeluTanh: linear_f32<kGeluTanh>(xp, sx, pp, bp, yp, sy, M, N, K); break;
-          default: linear_f32<kQuickGelu>(xp, sx, pp, bp, yp, sy, M, N, K); break;
+          case kNone: run<kNone>(panel, xp, sx, pp, bp, yp, sy, M, N, K); break;
+          case kGelu: run<kGelu>(panel, xp, sx, pp, bp, yp, sy, M, N, K); break;
+          case kGeluTanh: run<kGeluTanh>(panel, xp, sx, pp, bp, yp, sy, M, N, K); break;
+          default: run<kQuickGelu>(panel, xp, sx, pp, bp, yp, sy, M, N, K); break;
         }
       },
       py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
-      py::arg("x"), py::arg("sx"), py::arg("packed"), py::arg("bias"), py::arg("y"), py::arg("sy"), py::arg("M"),
-      py::arg("N"), py::arg("K"), py::arg("act"),
-      "y = act(x @ W^T + bias) with W packed by linear_pack (bias 0: none); fp32 pointers, row strides in "
-      "elements; act: a code of activation_codes().");
+      py::arg("x"), py::arg("sx"), py::arg("packed"), py::arg("panel"), py::arg("bias"), py::arg("y"), py::arg("sy"),
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("act"),
+      "y = act(x @ W^T + bias) with W packed by linear_pack in panels of `panel` columns (bias 0: none); fp32 "
+      "pointers, row strides in elements; act: a code of activation_codes().");
 }
 
 }  // namespace fastclip

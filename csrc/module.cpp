@@ -24,6 +24,7 @@ void bind_layer_norm(py::module_& m);
 void bind_bias_act(py::module_& m);
 void bind_normalize_project(py::module_& m);
 void bind_linear(py::module_& m);
+void bind_linear_int8(py::module_& m);
 
 namespace {
 
@@ -167,4 +168,5 @@ PYBIND11_MODULE(_C, m) {
   fastclip::bind_bias_act(m);
   fastclip::bind_normalize_project(m);
   fastclip::bind_linear(m);
+  fastclip::bind_linear_int8(m);
 }

@@ -93,6 +93,7 @@ def cmd_info(args) -> int:
         ("threads", str(torch.get_num_threads())),
         ("cpu backend (auto)", resolve_backend("auto", "cpu")),
         ("C++ extension", "built" if importlib.util.find_spec("fastclip._C") else "not built"),
+        ("cpu paths", _cpu_paths()),
         ("triton", "installed" if importlib.util.find_spec("triton") else "not installed"),
         ("cuda devices", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else "none"),
     ]
@@ -102,6 +103,80 @@ def cmd_info(args) -> int:
         rows.append(("FASTCLIP_BACKEND", os.environ["FASTCLIP_BACKEND"]))
     for key, value in rows:
         print(f"{key:20s} {value}")
+    return 0
+
+
+def _cpu_paths() -> str:
+    """Which CPU code paths run here: the fp32 kernels' vector width, int8 dot products, bf16."""
+    from fastclip.backends import bf16, int8
+
+    try:
+        from fastclip import _C
+
+        fp32 = "avx512" if _C.avx512_present() else "avx2" if _C.cpu_supported() else "reference ops"
+    except ImportError:
+        fp32 = "reference ops"
+    int8_dots = "vnni" if not int8.REDUCE_RANGE else "no vnni (7-bit activations)"
+    bf16_isa = "+".join(bf16.cpu_bf16_instructions()) or "none (bf16 refused)"
+    return f"fp32 {fp32}, int8 {int8_dots}, bf16 {bf16_isa}"
+
+
+# a small built-in caption set for calibrating the text tower when no --calibrate-texts file is given
+CAPTIONS = ("a photo of a cat", "a dog running on the beach", "a red car parked on a street",
+            "a bowl of fruit on a wooden table", "a diagram of a suspension bridge", "two people playing tennis",
+            "a city skyline at night", "a close-up of a yellow flower", "a plate of pasta with tomato sauce",
+            "an old map of europe", "a child riding a bicycle", "a snowy mountain under a blue sky",
+            "a screenshot of a spreadsheet", "a black and white portrait of a man", "a cup of coffee and a laptop",
+            "a flock of birds over the sea")
+
+
+def cmd_quantize(args) -> int:
+    """Calibrate int8 on the user's images (and captions), print the per-layer report, save the int8 file."""
+    import torch
+
+    import fastclip
+    from fastclip import quantize
+
+    if not args.out.endswith(".safetensors"):
+        raise SystemExit(f"fastclip quantize: --out must end in .safetensors, got {args.out}")
+    images = _expand_paths([args.calibrate])
+    if not Path(args.calibrate).is_dir():
+        raise SystemExit(f"fastclip quantize: --calibrate must be a folder of images, got {args.calibrate}")
+    if not images:
+        raise SystemExit(f"fastclip quantize: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {args.calibrate}")
+    images = images[: args.max_images]
+    if args.calibrate_texts:
+        texts = [t.strip() for t in Path(args.calibrate_texts).read_text().splitlines() if t.strip()]
+        if not texts:
+            raise SystemExit(f"fastclip quantize: no captions in {args.calibrate_texts}")
+    else:
+        texts = list(CAPTIONS)
+    model = fastclip.load(args.model, pretrained=args.pretrained, precision="fp32", backend=args.backend)
+    if model.tokenizer is None:
+        raise SystemExit("fastclip quantize: this model has no tokenizer to calibrate its text tower with")
+
+    def batches():
+        b = args.batch_size
+        for start in range(0, len(images), b):
+            pixels = []
+            for path in images[start:start + b]:
+                try:
+                    pixels.append(model.preprocess(path))
+                except Exception as exc:  # any decoding failure: name the file
+                    raise SystemExit(f"fastclip quantize: cannot read image {path}: {exc}") from None
+            yield "image", torch.stack(pixels)
+        for start in range(0, len(texts), b):
+            yield "text", model.tokenizer(texts[start:start + b])
+
+    options = {} if args.max_error is None else {"max_error": args.max_error}
+    model, calibration = quantize.quantize_calibrated(model, batches, backend=args.backend,
+                                                      progress=not args.quiet, **options)
+    print(quantize.format_report(calibration))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quantize.save_int8(model, out, args.model, calibration)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); load it with "
+          f"fastclip.load({args.model!r}, pretrained={str(out)!r}, precision='int8')", file=sys.stderr)
     return 0
 
 
@@ -211,6 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     _add_serve_parser(sub)
+
+    p = sub.add_parser("quantize", help="calibrate int8 on sample images and save an int8 checkpoint")
+    p.add_argument("model", help="architecture name")
+    p.add_argument("--pretrained", required=True, help="pretrained tag or fp32 checkpoint path")
+    p.add_argument("--calibrate", required=True, help="folder of calibration images (searched recursively)")
+    p.add_argument("--calibrate-texts", default=None, help="text file, one caption a line (default: built-in set)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--batch-size", type=int, default=16, help="items per calibration batch (default 16)")
+    p.add_argument("--max-images", type=int, default=512, help="most calibration images used (default 512)")
+    p.add_argument("--max-error", type=float, default=None,
+                   help="per-layer relative error above which a layer stays fp32 (default: fastclip.quantize's)")
+    p.add_argument("--backend", default=None, choices=["auto", "ref", "cpu", "cpp"],
+                   help="op backend (default: $FASTCLIP_BACKEND, else auto)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

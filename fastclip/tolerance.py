@@ -67,6 +67,8 @@ MIN_COSINE = 0.99
 INT8_SAME_GEMM_COSINE = 0.9999
 # One int8 linear layer (per-channel weight, per-row activation scales): relative Frobenius error ~1%.
 INT8_LINEAR_REL = 0.02
+# The same on the int8 kernel's paths without VNNI: 7-bit activations (127 levels; int16 pair sums cannot saturate).
+INT8_U7_LINEAR_REL = 0.03
 # int8 image -> text top-1 agreement with fp32, where scores spread 10x more than int8's score error.
 INT8_I2T_AGREEMENT = 0.95
 INT8_SPREAD_MARGIN = 10
@@ -185,3 +187,5 @@ def check_close(out: torch.Tensor, expected: torch.Tensor, ref_low: torch.Tensor
     if record is not None:
         record[dtype] = max(record.get(dtype, 0.0), err)
     return err
+# The outlier test models' massive residual channels over the median channel: trained checkpoints show 100x+.
+INT8_OUTLIER_RATIO = 100

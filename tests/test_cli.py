@@ -1,4 +1,5 @@
 """The fastclip command line: embed (npy, parquet), models, info."""
+import os
 import subprocess
 import sys
 
@@ -80,6 +81,12 @@ def test_models_and_info(capsys):
     assert main(["info"]) == 0
     info = capsys.readouterr().out
     assert fastclip.__version__ in info and "cpu backend (auto)" in info and "threads" in info
+    paths = next(line for line in info.splitlines() if line.startswith("cpu paths"))
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    assert ("fp32 avx512" in paths) == ("avx512f" in flags and not os.environ.get("FASTCLIP_DISABLE_AVX512"))
+    assert ("bf16 none" in paths) == (not flags & {"avx512_bf16", "amx_bf16"} or
+                                      bool(os.environ.get("FASTCLIP_DISABLE_AVX512")))
 
 
 def test_console_script_installed():

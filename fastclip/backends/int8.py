@@ -16,6 +16,18 @@ the fp32 ops of the model's backend (``cpu``, the C++ kernels, or ``ref``). The 
 the fp32 weight tensor it is called with (or a row view of one that was packed); a weight that is not
 packed runs the fp32 op. A packed weight whose fp32 master changed in place is
 re-quantised on its next use.
+
+Calibrated int8 (``Int8Plan``, made by ``fastclip quantize`` / fastclip/quantize.py; docs/int8.md): trained
+checkpoints have a few activation channels hundreds of times larger than the rest, which would set the one
+activation scale per call alone. A plan gives, per linear layer, SmoothQuant-style per-channel smoothing
+``s`` (the layer computes ``(x / s) @ (W * s).T``: the same product, with the outlier channels moved into the
+weight) and the layers kept in fp32. Where the layer's input comes from a LayerNorm (attention ``in_proj``,
+MLP ``c_fc``) ``1 / s`` is folded into that LayerNorm's gain and bias; for ``out_proj`` into the rows of the
+v projection (attention is linear in v per channel); elsewhere (``c_proj``, after the activation) the input
+is multiplied by ``1 / s`` in the call. The smoothed weights and LayerNorm parameters are copies the int8
+table uses in place of the model's own (found, like the packs, by the fp32 tensors the model passes):
+the model's fp32 weights and ``state_dict`` stay as they are. Without a plan from calibration,
+``precision="int8"`` uses ``fastclip.quantize.default_plan`` (smoothing a=0.5 from a built-in synthetic set).
 """
 from __future__ import annotations
 
@@ -76,15 +88,86 @@ def _engine(name: str):
 @torch.no_grad()
 def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
     """A (N, K) fp32 weight (and its (N,) bias) as a pre-packed per-channel int8 GEMM operand."""
-    w = weight.detach().float().contiguous()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()  # (N,)
-    zero = torch.zeros(w.shape[0], dtype=torch.long)
+    return pack_quantized(*quantize_weight(weight), bias)
+
+
+@torch.no_grad()
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) fp32 -> (int8 values (N, K) in -127..127, fp32 scales (N,)), ``W[n] ~ scale[n] * q[n]``."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # (N,)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+@torch.no_grad()
+def pack_quantized(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
+    """int8 values (N, K) with fp32 per-row scales (N,) (and a bias (N,)) as a pre-packed GEMM operand."""
+    zero = torch.zeros(q.shape[0], dtype=torch.long)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the quantized-tensor deprecation notice
-        wq = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+        wq = torch._make_per_channel_quantized_tensor(q.contiguous(), scale.double(), zero, 0)
     b = None if bias is None else bias.detach().float().contiguous()
     with _engine(ENGINE):
         return torch.ops.quantized.linear_prepack(wq, b)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Plan:
+    """Calibrated choices for ``quantize_model`` (made by fastclip/quantize.py), by parameter name.
+
+    ``smooth``: {linear weight name: s (K,) > 0}: that layer's input enters the int8 GEMM as ``x / s`` and its
+    weight as ``W * s`` (see the module docstring for where ``1 / s`` goes); ``fp32``: names of the linear
+    weights kept in fp32 (their smoothing, if any, is dropped).
+    """
+
+    smooth: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    fp32: frozenset[str] = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearTransform:
+    """How the int8 table derives one linear's operand from its fp32 master (weight (N, K), bias (N,)):
+    ``W' = W * in_scale / row_scale[:, None]``, ``b' = bias / row_scale``; with ``input_scale`` (K,) the
+    call multiplies its input by it first (run-time smoothing); ``int8`` False: the fp32 op on (W', b')."""
+
+    in_scale: torch.Tensor | None = None  # (K,)
+    row_scale: torch.Tensor | None = None  # (N,)
+    input_scale: torch.Tensor | None = None  # (K,) = 1 / in_scale, when nothing upstream divides by it
+    int8: bool = True
+
+    def apply(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """(W', b') in fp32, new tensors."""
+        w, b = weight.detach().float(), None if bias is None else bias.detach().float()
+        if self.in_scale is not None:
+            w = w * self.in_scale
+        if self.row_scale is not None:
+            w = w / self.row_scale[:, None]
+            b = None if b is None else b / self.row_scale
+        return w, b
+
+    def invert(self, w: torch.Tensor) -> torch.Tensor:
+        """The fp32 master weight (N, K) whose ``apply`` gives ``w`` (N, K) (up to fp32 rounding)."""
+        w = w.float()
+        if self.row_scale is not None:
+            w = w * self.row_scale[:, None]
+        return w if self.in_scale is None else w / self.in_scale
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Entry:
+    """What the int8 table runs for one (weight, bias): ``pack`` (int8) or fp32 ``weight`` / ``bias``
+    copies; ``input_scale`` (K,) multiplies the input first, or None."""
+
+    pack: torch.ScriptObject | None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+
+
+def _key(*tensors: torch.Tensor | None) -> tuple:
+    """Where ``tensors`` live (as DerivedWeights keys them): data pointer, shape, strides, dtype."""
+    return tuple(None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) for t in tensors)
 
 
 class Int8Weights:
@@ -92,23 +175,73 @@ class Int8Weights:
     (fastclip/backends/weight_packs.py): keyed by where a weight and its bias live, so views of a packed
     layer's rows -- the q and kv halves of ``in_proj_weight`` that trimmed last blocks and attention pooling
     split off on every call -- find their pack too, and a weight changed in place is re-quantised on its
-    next use. Only the (weight, bias) pairs added here are int8; any other linear runs the fp32 op.
+    next use. Only the (weight, bias) pairs added here are int8 (or, with a transform that is not int8,
+    their smoothed fp32 copies); any other linear runs the fp32 op on the model's weights.
+
+    Each pair's ``LinearTransform`` (identity by default) is applied to the fp32 master whenever its entry
+    is made; ``preloaded`` int8 values and scales (from an int8 checkpoint) are used for the first entry
+    instead of quantising. ``add_norm`` registers a LayerNorm whose gain and bias the int8 table replaces
+    by ``gain / s``, ``bias / s`` (smoothing folded into it). ``plan`` is the Int8Plan the packs follow.
     """
 
     def __init__(self):
-        self._packs = DerivedWeights(pack_linear)
+        self._packs = DerivedWeights(self._make)
+        self._transforms: dict[tuple, LinearTransform] = {}
+        self._preloaded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._norms = DerivedWeights(self._make_norm)
+        self._norm_scales: dict[tuple, torch.Tensor] = {}
         self.nbytes = 0  # int8 weights + fp32 biases held by the packs (besides the fp32 masters)
+        self.plan = Int8Plan()
 
-    def add(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def _make(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Entry:
+        key = _key(weight, bias)
+        t = self._transforms.get(key, LinearTransform())
+        with torch.inference_mode(False), torch.no_grad():
+            w, b = t.apply(weight, bias)
+            if not t.int8:
+                return Int8Entry(None, w, b)
+            preloaded = self._preloaded.pop(key, None)
+            q, scale = preloaded if preloaded is not None else quantize_weight(w)
+            return Int8Entry(pack_quantized(q, scale, b), input_scale=t.input_scale)
+
+    def _make_norm(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        s = self._norm_scales[_key(weight, bias)]
+        with torch.inference_mode(False), torch.no_grad():
+            return weight.detach() / s, None if bias is None else bias.detach() / s
+
+    def add(self, weight: torch.Tensor, bias: torch.Tensor | None, transform: LinearTransform | None = None,
+            preloaded: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Make the entry of (weight (N, K), bias (N,) or None) now; ``preloaded``: (int8 (N, K), fp32 (N,))
+        values and scales of ``transform.apply(weight, bias)`` to use as they are."""
+        key = _key(weight, bias)
+        t = transform or LinearTransform()
+        self._transforms[key] = t
+        if preloaded is not None:
+            self._preloaded[key] = preloaded
         self._packs.add(weight, bias)
-        self.nbytes += weight.numel() + (0 if bias is None else 4 * bias.numel())
+        self._preloaded.pop(key, None)
+        per_value = 1 if t.int8 else 4
+        self.nbytes += per_value * weight.numel() + (0 if bias is None else 4 * bias.numel())
+
+    def add_norm(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor) -> None:
+        """The int8 table runs this LayerNorm (gain (D,), bias (D,)) with ``gain / scale``, ``bias / scale``."""
+        self._norm_scales[_key(weight, bias)] = scale.detach().float()
+        self._norms.add(weight, bias)
 
     def __len__(self) -> int:
         return len(self._packs)
 
-    def lookup(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject | None:
-        """The pack of ``weight`` with this ``bias`` (re-quantised if either changed), or None."""
+    @property
+    def has_norms(self) -> bool:
+        return len(self._norms) > 0
+
+    def lookup(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Entry | None:
+        """The entry of ``weight`` with this ``bias`` (remade if either changed), or None."""
         return self._packs.get(weight, bias, create=False)
+
+    def norm(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """(gain / s, bias / s) for a LayerNorm added with ``add_norm`` (remade if either changed), or None."""
+        return self._norms.get(weight, bias, create=False)
 
 
 class Int8Linears(Protocol):
@@ -129,6 +262,10 @@ def _matrix_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters() if p.ndim >= 2}
 
 
+def _owner(t: torch.Tensor) -> torch.Tensor:
+    return t if t._base is None else t._base
+
+
 def int8_linears(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Every (weight, bias) the modules of ``model`` declare as int8 linear layers (see Int8Linears).
 
@@ -144,7 +281,7 @@ def int8_linears(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | No
         if hasattr(module, "int8_linears"):
             for weight, bias in module.int8_linears():
                 pairs.append((weight, bias))
-                covered.add(id(weight if weight._base is None else weight._base))
+                covered.add(id(_owner(weight)))
     missing = [name for key, name in _matrix_names(model).items() if key not in covered]
     if missing:
         raise ValueError(
@@ -154,26 +291,120 @@ def int8_linears(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | No
     return pairs
 
 
-def quantize_model(model: nn.Module) -> Int8Weights:
-    """Pack every linear layer the modules of ``model`` (fp32, on the CPU) declare as int8 (see
-    Int8Linears); returns the packs.
+def int8_layer_names(model: nn.Module) -> list[str]:
+    """The parameter names of the matrices of ``model`` that run as int8 linear layers, in model order."""
+    names = _matrix_names(model)
+    seen: dict[str, None] = {}
+    for weight, _ in int8_linears(model):
+        seen.setdefault(names[id(_owner(weight))])
+    return list(seen)
 
-    The parameters are frozen (``requires_grad=False``): int8 layers have no backward.
-    """
+
+def fold_sites(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """{linear weight name: (kind, module)} for the layers whose input smoothing folds into what makes the
+    input: ("norm", LayerNorm) -- a block's ``ln_1`` before ``attn.in_proj_weight``, ``ln_2`` (and an attention
+    pool's ``ln``) before ``mlp.c_fc.weight`` -- and ("v_rows", MultiheadAttention) before ``out_proj.weight``.
+    Other int8 layers (``c_proj``) are smoothed at run time."""
+    from ..models.transformer import AttentionPool, MultiheadAttention, ResidualAttentionBlock
+
+    sites: dict[str, tuple[str, nn.Module]] = {}
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, ResidualAttentionBlock):
+            sites[f"{dot}attn.in_proj_weight"] = ("norm", module.ln_1)
+            sites[f"{dot}mlp.c_fc.weight"] = ("norm", module.ln_2)
+        elif isinstance(module, AttentionPool):
+            sites[f"{dot}mlp.c_fc.weight"] = ("norm", module.ln)
+        elif isinstance(module, MultiheadAttention):
+            sites[f"{dot}out_proj.weight"] = ("v_rows", module)
+    return sites
+
+
+def _check_fp32_cpu(model: nn.Module) -> None:
     for p in model.parameters():
         if p.dtype != torch.float32 or p.device.type != "cpu":
             raise ValueError(f"int8 quantisation needs fp32 CPU weights, got {p.dtype} on {p.device}")
+
+
+def _row_range(view: torch.Tensor, owner: torch.Tensor) -> slice:
+    """The rows of ``owner`` (N, K) that the row view ``view`` covers."""
+    start = (view.storage_offset() - owner.storage_offset()) // max(owner.stride(0), 1)
+    return slice(start, start + view.shape[0])
+
+
+def transforms(model: nn.Module, plan: Int8Plan) -> tuple[dict[str, LinearTransform], list]:
+    """What ``plan`` means for the layers of ``model``: ({linear weight name: transform of the whole matrix},
+    [(LayerNorm, s) to fold]). Raises ValueError for names that are not int8 layers or a bad scale."""
+    names = int8_layer_names(model)
+    params = dict(model.named_parameters())
+    unknown = sorted((set(plan.smooth) | set(plan.fp32)) - set(names))
+    if unknown:
+        raise ValueError(f"int8 plan names layers this model has not: {', '.join(unknown[:5])}")
+    sites = fold_sites(model)
+    in_scale, row_scale, runtime, norms = {}, {}, set(), []
+    for name, s in plan.smooth.items():
+        if name in plan.fp32:
+            continue
+        s = s.detach().float()
+        if s.shape != (params[name].shape[1],) or not bool((s > 0).all() and torch.isfinite(s).all()):
+            raise ValueError(f"int8 plan: smoothing of {name} must be ({params[name].shape[1]},) finite and > 0")
+        in_scale[name] = s
+        kind, module = sites.get(name, ("runtime", None))
+        if kind == "norm":
+            norms.append((module, s))
+        elif kind == "v_rows":
+            W = module.width
+            proj = next(n for n in names if params[n] is module.in_proj_weight)
+            row_scale[proj] = torch.cat([torch.ones(2 * W), s])
+        else:
+            runtime.add(name)
+    out = {}
+    for name in names:
+        out[name] = LinearTransform(in_scale.get(name), row_scale.get(name),
+                                    (1.0 / in_scale[name]) if name in runtime else None, name not in plan.fp32)
+    return out, norms
+
+
+def _rows(t: LinearTransform, rows: slice) -> LinearTransform:
+    return dataclasses.replace(t, row_scale=None if t.row_scale is None else t.row_scale[rows])
+
+
+def quantize_model(model: nn.Module, plan: Int8Plan | None = None,
+                   preloaded: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Int8Weights:
+    """Pack every linear layer the modules of ``model`` (fp32, on the CPU) declare as int8 (see
+    Int8Linears), following ``plan`` (smoothing, layers kept fp32; None: every layer int8, unsmoothed);
+    returns the packs. ``preloaded``: {weight name: (int8 (N, K), fp32 scales (N,))} of the transformed
+    whole matrices, used instead of quantising (an int8 checkpoint's values).
+
+    The parameters are frozen (``requires_grad=False``): int8 layers have no backward.
+    """
+    _check_fp32_cpu(model)
+    plan = plan or Int8Plan()
+    preloaded = preloaded or {}
     pairs = int8_linears(model)
+    per_layer, norms = transforms(model, plan)
+    names = _matrix_names(model)
     model.requires_grad_(False)
     weights = Int8Weights()
+    weights.plan = plan
     for weight, bias in pairs:
-        weights.add(weight, bias)
+        owner = _owner(weight)
+        name = names[id(owner)]
+        rows = _row_range(weight, owner)
+        t = _rows(per_layer[name], rows)
+        if not t.int8 and t.in_scale is None and t.row_scale is None:
+            continue  # kept fp32 as it is: the fp32 op on the model's own weights
+        pre = preloaded.get(name)
+        weights.add(weight, bias, t, None if pre is None or not t.int8 else (pre[0][rows], pre[1][rows]))
+    for ln, s in norms:
+        weights.add_norm(ln.weight, ln.bias, s)
     return weights
 
 
 def int8_ops(base: OpTable, weights: Int8Weights) -> OpTable:
-    """``base`` with its ``linear`` replaced by the int8 GEMM for every weight in ``weights``."""
-    fp32_linear = base.linear
+    """``base`` with its ``linear`` replaced by the int8 GEMM for every weight in ``weights`` (and its
+    ``layer_norm`` using the smoothed gain and bias of the LayerNorms that ``weights`` folds smoothing into)."""
+    fp32_linear, fp32_layer_norm = base.linear, base.layer_norm
 
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, upcast: bool = False):
         """y = x @ weight.T + bias.  x: (..., K) fp32, weight: (N, K), bias: (N,) -> (..., N) fp32."""
@@ -181,17 +412,30 @@ def int8_ops(base: OpTable, weights: Int8Weights) -> OpTable:
             return fp32_linear(x, weight, bias, upcast=upcast)
         if x.device.type != "cpu":
             raise ValueError(f"int8 models run on the CPU, got an input on {x.device}")
-        pack = weights.lookup(weight, bias)
-        if pack is None:
+        entry = weights.lookup(weight, bias)
+        if entry is None:
             return fp32_linear(x, weight, bias)
+        if entry.pack is None:
+            return fp32_linear(x, entry.weight, entry.bias)
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("int8 linear layers have no backward; run the model under torch.no_grad() "
                                "or torch.inference_mode(), or use precision='fp32' to train")
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]}")
         x2 = x.reshape(-1, x.shape[-1])
-        y = torch.ops.quantized.linear_dynamic(x2 if x2.is_contiguous() else x2.contiguous(), pack,
+        if entry.input_scale is not None:
+            x2 = x2 * entry.input_scale
+        y = torch.ops.quantized.linear_dynamic(x2 if x2.is_contiguous() else x2.contiguous(), entry.pack,
                                                REDUCE_RANGE)
         return y.view(*x.shape[:-1], weight.shape[0])
 
-    return dataclasses.replace(base, linear=linear, linear_act=compose_linear_act(linear, base.bias_act))
+    def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   residual: torch.Tensor | None = None, upcast: bool = False):
+        """``base.layer_norm`` with a smoothed LayerNorm's gain and bias.  x: (..., D) -> (..., D)."""
+        smoothed = weights.norm(weight, bias)
+        if smoothed is not None:
+            weight, bias = smoothed
+        return fp32_layer_norm(x, weight, bias, eps, residual=residual, upcast=upcast)
+
+    table = dataclasses.replace(base, linear=linear, linear_act=compose_linear_act(linear, base.bias_act))
+    return dataclasses.replace(table, layer_norm=layer_norm) if weights.has_norms else table

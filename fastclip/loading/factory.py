@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends import bf16
 from ..backends import int8 as quant
 from ..errors import CheckpointError, UnknownModelError
 from ..models.clip import CLIP
@@ -31,12 +32,16 @@ def _check_precision(precision: str, device, backend: str | None) -> None:
     _dtype(precision)
     if precision == "int8":
         quant.check_int8(device, backend)
+    elif precision == "bf16":
+        bf16.check_bf16(device)
 
 
 def _finish(model: CLIP, precision: str, backend: str | None) -> CLIP:
     """Resolve the backend; for int8, pack the linear layers (fp32 weights loaded) and keep them packed."""
-    if precision == "int8":
-        model.int8_weights = quant.quantize_model(model)
+    if precision == "int8":  # smoothing from a built-in synthetic calibration set (docs/int8.md)
+        from ..quantize import default_plan
+
+        model.int8_weights = quant.quantize_model(model, default_plan(model))
     return model.set_backend(backend)
 
 
@@ -178,6 +183,21 @@ def _from_state_dict(cfg: ModelConfig, sd: dict, source: str, device, precision,
     return _attach_io(_build(cfg, sd, source, device, precision, backend), None)
 
 
+def _load_int8_file(path: Path, cfg: ModelConfig | None, device, precision, backend) -> CLIP:
+    """A checkpoint written by ``fastclip quantize`` (fastclip/quantize.py): int8 weights and the calibrated
+    plan, used as they are. ``cfg`` None: the architecture named in the file's metadata."""
+    from .. import quantize
+
+    if cfg is None:
+        name = quantize.int8_file_model(path)
+        if name not in list_models():
+            raise UnknownModelError(f"{path} is an int8 checkpoint of {name!r}, which is not a registered architecture; "
+                                    f"add its config (fastclip.add_model_config) or load({name!r}, pretrained=...)")
+        cfg = get_model_config(name)
+    return quantize.load_int8_file(
+        path, lambda sd, p: _from_state_dict(cfg, sd, str(path), device, p, backend), precision, backend)
+
+
 def _load_path(path: Path, device, precision, backend, trust, name: str | None = None) -> CLIP:
     """``name``: the hub id a downloaded directory came from (its snapshot folder is named by a commit hash)."""
     if path.is_dir():
@@ -187,6 +207,10 @@ def _load_path(path: Path, device, precision, backend, trust, name: str | None =
             return _load_openclip_dir(path, device, precision, backend, trust, name)
         raise CheckpointError(f"{path} holds neither a Hugging Face model (config.json) nor an OpenCLIP one "
                               f"(open_clip_config.json)")
+    from .. import quantize
+
+    if quantize.is_int8_file(path):
+        return _load_int8_file(path, None, device, precision, backend)
     sd = read_state_dict(path, trust=trust)
     if keymaps.is_hf_layout(sd):
         raise CheckpointError(f"{path} is a Hugging Face state dict: load its directory (with config.json) instead")
@@ -240,6 +264,10 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
             if (path / "config.json").is_file():
                 return _load_hf_dir(path, cfg, device, precision, backend, trust)
             return _load_path(path, device, precision, backend, trust)
+        from .. import quantize
+
+        if quantize.is_int8_file(path):  # written by `fastclip quantize`: int8 weights and plan, no calibration
+            return _load_int8_file(path, cfg, device, precision, backend)
         return _from_state_dict(cfg, read_state_dict(path, trust=trust), str(path), device, precision, backend)
     entry = hub.pretrained_entry(cfg.name, os.fspath(pretrained))
     if entry.get("quick_gelu"):

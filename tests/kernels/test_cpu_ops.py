@@ -332,7 +332,7 @@ with torch.no_grad():
     wide = copy.deepcopy(model).to(torch.float64).set_backend("ref")
     out["float64"] = [wide.encode_image(pixels.double()), wide.encode_text(tokens)]
 flags = dict(avx512_present=_C.avx512_present(), linear_supported=_C.linear_supported(),
-             linear_kernel=linear.KERNEL_AVAILABLE)
+             linear_kernel=linear.KERNEL_AVAILABLE, panel=_C.linear_panel_width())
 torch.save(dict(flags=flags, out=out), result)
 """
 
@@ -356,10 +356,10 @@ def run_tiny_model_in_subprocess(tmp_path, disable_avx512: bool) -> dict:
 
 
 def test_disable_avx512_runs_the_avx2_paths(tmp_path, record_error):
-    """FASTCLIP_DISABLE_AVX512=1: no AVX-512 anywhere in _C (AVX2 attention tiles, MKL instead of the packed
-    linear kernel), and a whole model on the cpu backend still meets the fp32 rule."""
+    """FASTCLIP_DISABLE_AVX512=1: no AVX-512 anywhere in _C (AVX2 attention tiles, the packed linear kernel's
+    16-column AVX2 panels), and a whole model on the cpu backend still meets the fp32 rule."""
     result = run_tiny_model_in_subprocess(tmp_path, disable_avx512=True)
-    assert result["flags"] == dict(avx512_present=False, linear_supported=False, linear_kernel=False)
+    assert result["flags"] == dict(avx512_present=False, linear_supported=True, linear_kernel=True, panel=16)
     check_model(record_error, "cpu tiny model no-avx512", result["out"])
 
 
@@ -367,7 +367,7 @@ def test_avx512_present_follows_cpuinfo(tmp_path):
     """With FASTCLIP_DISABLE_AVX512 unset, _C reports AVX-512 exactly where /proc/cpuinfo has avx512f (the
     kernels also need AVX2 and FMA, which every AVX-512F CPU has); in this process, the variable decides."""
     result = run_tiny_model_in_subprocess(tmp_path, disable_avx512=False)
-    assert result["flags"] == dict(avx512_present=CPU_HAS_AVX512F, linear_supported=CPU_HAS_AVX512F,
-                                   linear_kernel=CPU_HAS_AVX512F)
+    assert result["flags"] == dict(avx512_present=CPU_HAS_AVX512F, linear_supported=True, linear_kernel=True,
+                                   panel=32 if CPU_HAS_AVX512F else 16)
     disabled = os.environ.get("FASTCLIP_DISABLE_AVX512", "") not in ("", "0")
     assert _C.avx512_present() == (CPU_HAS_AVX512F and not disabled)

@@ -2,14 +2,19 @@
 
 Two GEMMs, chosen by the number of rows M of x (tokens x batch):
 
-* M <= KERNEL_MAX_ROWS, on CPUs with AVX-512F: the kernel of csrc/linear.cpp. The weight is packed
-  once into 32-column panels (about its own size) and, while one panel is multiplied, the next is
-  prefetched into L2. At such M a weight is used by only a few row tiles, so streaming it from memory
-  is what limits MKL here: over a 12-layer ViT-B stack at M = 50 (340 MB of weights, streamed from
-  memory as in the model) the kernel reaches about 0.87 of the sgemm rate against 0.61 for MKL's packed
-  GEMM (bench/bench_cpu_ops.py, the streamed-weights group). ``linear_act`` applies the bias and the activation in the
-  kernel's epilogue -- the same code as ``bias_act`` -- so the MLP's hidden layer is written once.
-* Larger M (or no AVX-512): MKL's packed-weight GEMM (``torch.ops.mkl._mkl_linear`` on a weight
+* M <= KERNEL_MAX_ROWS[panel width], on any CPU with AVX2 + FMA: the kernel of csrc/linear.cpp, on its
+  AVX-512 path (32-column panels) while AVX-512 is enabled, else its AVX2 path (16-column panels). The
+  weight is packed once (about its own size; the pack records its panel width and is remade if the path
+  changes) and, while one panel is multiplied, the next is prefetched into L2. At such M a weight is used
+  by only a few row tiles, so streaming it from memory is what limits MKL here: over a 12-layer ViT-B
+  stack at M = 50 (340 MB of weights, streamed from memory as in the model) the AVX-512 path reaches about
+  0.87 of the sgemm rate against 0.61 for MKL's packed GEMM (bench/bench_cpu_ops.py, the streamed-weights
+  group). The AVX2 path, forced on an AVX-512 Intel Xeon under .ci/emulate-avx2 (MKL held to AVX2 too;
+  2 shared cores, ratios from one run), against MKL's packed GEMM on the same stack: 0.76x at M = 1,
+  1.52x at M = 50, 1.47x at M = 100, 1.26x at M = 197 (its limit stays 128 until M = 400 is measured).
+  ``linear_act`` applies the bias and the activation in the kernel's epilogue -- the same code as
+  ``bias_act`` -- so the MLP's hidden layer is written once.
+* Larger M: MKL's packed-weight GEMM (``torch.ops.mkl._mkl_linear`` on a weight
   reordered once by ``_mkl_reorder_linear_weight``), which is faster once each weight is reused by many
   rows. MKL packs for one M, so a weight is packed when the same M is seen twice in a row (varying text
   lengths never repack on every call); ``linear_act`` then adds ``bias_act``.
@@ -38,41 +43,63 @@ _PACKING = os.environ.get("FASTCLIP_MKL_PACK", "1").strip().lower() not in _OFF
 _MKL_PACK = MKL_PACK_AVAILABLE and _PACKING
 KERNEL_AVAILABLE = _C.linear_supported()
 _KERNEL = KERNEL_AVAILABLE and _PACKING
-# Rows up to which the kernel runs. Measured inside a 12-layer stack of ViT-B widths (weights streamed
-# from memory): the kernel leads MKL by 1.4x at M = 50 and 1.04x at M = 100; MKL leads from M = 200.
-KERNEL_MAX_ROWS = 128
+# Rows up to which the kernel runs, per path (its panel width, _C.linear_panel_width()): see the module docstring.
+KERNEL_MAX_ROWS = {32: 128, 16: 128}  # AVX2: leads MKL 1.26x at 197, 400 unmeasured
 
 
 # ---------------------------------------------------------------------------------------- the kernel
-def _pack_for_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) weight -> its 32-column panels (csrc/linear.cpp), a flat fp32 tensor."""
+def _pack_for_kernel(weight: torch.Tensor, panel: int) -> torch.Tensor:
+    """(N, K) weight -> its panels of ``panel`` columns (csrc/linear.cpp), a flat fp32 tensor."""
     w = unit_last(weight.detach())
     N, K = w.shape
-    packed = torch.empty(_C.linear_packed_size(N=N, K=K), dtype=torch.float32)
-    _C.linear_pack(w=w.data_ptr(), ldw=w.stride(0), N=N, K=K, out=packed.data_ptr())
+    packed = torch.empty(_C.linear_packed_size(N=N, K=K, panel=panel), dtype=torch.float32)
+    _C.linear_pack(w=w.data_ptr(), ldw=w.stride(0), N=N, K=K, panel=panel, out=packed.data_ptr())
     return packed
 
 
-_KERNEL_PACKS = DerivedWeights(_pack_for_kernel)
+class _KernelPack:
+    """A weight's kernel pack and its layout: ``pack`` = (panel width, packed tensor), or None before the first."""
+
+    __slots__ = ("pack",)
+
+    def __init__(self):
+        self.pack: tuple[int, torch.Tensor] | None = None
+
+
+_KERNEL_PACKS = DerivedWeights(lambda weight: _KernelPack())
+
+
+def _kernel_packed(weight: torch.Tensor, panel: int) -> torch.Tensor | None:
+    """``weight`` packed for the path of ``panel`` columns, or None (an inference tensor: no cache). A pack
+    of the other layout (the AVX-512 path switched on or off since) is replaced, never used."""
+    entry = _KERNEL_PACKS.get(weight)
+    if entry is None:
+        return None
+    pack = entry.pack  # read once: (width, tensor) stay together whatever another thread stores meanwhile
+    if pack is None or pack[0] != panel:
+        entry.pack = None  # free the other layout's pack before making this one
+        pack = entry.pack = (panel, _pack_for_kernel(weight, panel))
+    return pack[1]
 
 
 def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: int) -> torch.Tensor | None:
-    """act(x @ weight.T + bias) by the kernel, or None when it does not apply (too many rows, an
-    inference-tensor weight)."""
+    """act(x @ weight.T + bias) by the kernel, or None when it does not apply (too many rows for the path
+    that runs now, an inference-tensor weight)."""
     N, K = weight.shape
     x2 = x.reshape(-1, K)  # (M, K)
     M = x2.shape[0]
-    if M > KERNEL_MAX_ROWS:
+    panel = _C.linear_panel_width()
+    if M > KERNEL_MAX_ROWS.get(panel, 0):
         return None
-    packed = _KERNEL_PACKS.get(weight)
+    packed = _kernel_packed(weight, panel)
     if packed is None:
         return None
     x2 = unit_last(x2)
     sx = x2.stride(0) if M > 1 else K  # a single row's stride is arbitrary; 0 (a broadcast row) is fine
     b = None if bias is None else bias.contiguous()
     y = torch.empty((M, N), dtype=torch.float32)
-    _C.linear(x=x2.data_ptr(), sx=sx, packed=packed.data_ptr(), bias=ptr(b), y=y.data_ptr(), sy=N, M=M, N=N, K=K,
-              act=act)
+    _C.linear(x=x2.data_ptr(), sx=sx, packed=packed.data_ptr(), panel=panel, bias=ptr(b), y=y.data_ptr(), sy=N,
+              M=M, N=N, K=K, act=act)
     return y.view(*x.shape[:-1], N)
 
 

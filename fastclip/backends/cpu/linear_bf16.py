@@ -1,0 +1,69 @@
+"""``linear`` and ``linear_act`` of the ``cpu`` backend for bf16 models: oneDNN GEMMs on weights packed once.
+
+A bf16 weight is reordered once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``,
+kept in the cache of derived weights, fastclip/backends/weight_packs.py, dropped when the weight changes
+or is freed) and multiplied by ``torch.ops.mkldnn._linear_pointwise``: bf16 inputs, fp32 accumulation
+(AMX tiles or AVX512-BF16 dot products), bf16 output, with the bias and GELU fused where oneDNN has them.
+``F.linear`` on the same bf16 tensors reorders the weight on every call; on a Sapphire Rapids core at
+ViT-B widths and 50 rows the packed GEMM takes about half its time (345 vs 629 us for 768 -> 3072).
+
+Only bf16 operands on a CPU with oneDNN bf16 support take this path; anything else runs the reference op.
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import ref
+from ..weight_packs import DerivedWeights
+
+AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+             and hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+# The row count oneDNN is told to expect when it reorders a weight (the layout serves any row count).
+_ROWS_HINT = 64
+# fastclip activations oneDNN fuses into the GEMM: name -> (oneDNN attr, algorithm).
+_FUSED = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) bf16 weight -> its oneDNN-blocked copy (an mkldnn tensor of the same size)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _ROWS_HINT)
+
+
+_PACKS = DerivedWeights(_pack)
+
+
+def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """bf16 CPU operands this path takes (no autograd; shapes checked by the reference op otherwise)."""
+    if not AVAILABLE or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.ndim != 2:
+        return False
+    if x.device.type != "cpu" or x.numel() == 0 or x.shape[-1] != weight.shape[1]:
+        return False
+    if bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != weight.shape[:1]):
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor | None:
+    packed = _PACKS.get(weight)
+    if packed is None:
+        return None  # an inference-tensor weight: nothing to watch for changes, so not cached
+    attr, algorithm = _FUSED[act]
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    y = torch.ops.mkldnn._linear_pointwise(x2 if x2.is_contiguous() else x2.contiguous(), packed, bias, attr, [],
+                                           algorithm)  # (M, N)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias.  x: (..., K), weight: (N, K), bias: (N,), all bf16 -> (..., N) bf16."""
+    y = _gemm(x, weight, bias, "none")
+    return ref.linear(x, weight, bias) if y is None else y
+
+
+def linear_act_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """act(x @ weight.T + bias), GELU fused; other activations after the GEMM. Shapes as ``linear_bf16``."""
+    y = _gemm(x, weight, bias, act) if act in _FUSED else None
+    if y is not None:
+        return y
+    return ref.bias_act(linear_bf16(x, weight, None), bias, act)
+
