@@ -4,7 +4,8 @@
 //   AVX-512F (while avx512_enabled(): FASTCLIP_DISABLE_AVX512 / set_avx512(false) switch it off): panels
 //     of 32 columns, tiles of MR <= 12 rows x 32 (24 zmm accumulators), below.
 //   AVX2 + FMA (every other CPU the extension runs on, e.g. AMD Zen 2/3): panels of 16 columns, tiles of
-//     MR <= 6 rows x 16 (12 ymm accumulators, two panel loads, one broadcast), csrc/linear_avx2.h.
+//     MR <= 6 rows x 16 (12 ymm accumulators, two panel loads, six broadcasts a k), over a copy of x's
+//     chunk in tile order, csrc/linear_avx2.h.
 //
 // linear_panel_width() names the path that runs now (32 or 16); linear_pack and linear take the width, and
 // a pack runs only on the path of its width (a pack made before set_avx512 flipped is refused, not misread).
@@ -27,7 +28,10 @@
 // tile a share of it, spread evenly over its k loop), so the next chunk is waiting when they get there.
 // Inside ViT-B-32 at batch 1 (50 rows, 340 MB of weights streamed per image) this is the difference
 // between about 0.61 of the sgemm rate (MKL's packed GEMM) and 0.87 (bench/bench_cpu_ops.py, streamed;
-// AVX-512 path, Intel Xeon with AVX-512). AVX2 path: @AVX2_FIGURES@
+// AVX-512 path, Intel Xeon with AVX-512). The AVX2 path, forced on that machine with MKL held to AVX2
+// (.ci/emulate-avx2), runs the same stack at par with MKL's packed GEMM up to M = 100 (1.00-1.02x at M =
+// 1, 50, 100; 1.22x at 16) and behind above (0.92x at 128, 0.78x at 400): the limits of both paths are
+// in fastclip/backends/cpu/linear.py.
 //
 // Each output element is summed by one thread in one order (k ascending, one FMA chain), so results do
 // not depend on the thread count -- nor on the path: both paths compute every output bit for bit alike.
@@ -161,6 +165,7 @@ void block(const float* x, int64_t sx, const float* packed, const float* bias, f
   }
 }
 
+// x: (M, K) rows sx apart; packed: the 32-column panels of W (N, K); bias: (N,) or nullptr; y: (M, N) rows sy apart.
 template <int ACT>
 void linear_f32(const float* x, int64_t sx, const float* packed, const float* bias, float* y, int64_t sy, int64_t M,
                 int64_t N, int64_t K) {
@@ -218,6 +223,8 @@ void pack(const float* w, int64_t ldw, int64_t N, int64_t K, int64_t nr, float* 
   });
 }
 
+// The path of `panel` (checked by check_panel): x (M, K) rows sx apart, packed: W's panels, bias (N,) or
+// nullptr, y (M, N) rows sy apart.
 template <int ACT>
 void run(int64_t panel, const float* x, int64_t sx, const float* packed, const float* bias, float* y, int64_t sy,
          int64_t M, int64_t N, int64_t K) {

@@ -10,8 +10,8 @@
 // of one chunk run they prefetch the next chunk into L2. Unlike the AVX-512 path, each thread first copies
 // its rows' chunk of x into tile order ([k][r], MR floats a k): the broadcasts then read one contiguous
 // stream at fixed offsets whatever x's row stride, which leaves the FMA ports the loop's only limit
-// (about 1.1-1.2x the rate of reading x in place and one k a loop, hot in cache). Each output is summed by one thread in
-// one order -- the AVX-512 path's order, so both paths give the same bits.
+// (about 1.1-1.2x the rate of reading x in place one k a loop, hot in cache). Each output is summed by one
+// thread in one order -- the AVX-512 path's order, so both paths give the same bits.
 #pragma once
 
 #include "activation.h"
@@ -118,7 +118,7 @@ void block(const float* x, int64_t sx, const float* packed, const float* bias, f
   const int64_t tiles = ceil_div(r1 - r0, kMaxMR2);
   const int64_t chunks = ceil_div(K, kKC2), panel_floats = kNR2 * K;
   thread_local std::vector<float> buf;
-  float* const xp = scratch(buf, (r1 - r0) * kKC2);
+  float* const xp = scratch(buf, (r1 - r0) * std::min(K, kKC2));  // a chunk is at most this deep
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t k0 = c * K / chunks, kc = (c + 1) * K / chunks - k0;
     // x[r0:r1, k0:k0 + kc] in tile order: the tile of rows [m, m + mr) at xp + m kc, as [k][r].

@@ -118,7 +118,7 @@ py::dict activation_codes() {
 }
 
 // FASTCLIP_DISABLE_AVX512=1 (read once, at the first call) makes an AVX-512 CPU run as an AVX2 one:
-// the AVX2 attention tiles, and no packed linear kernel. With the libraries' own switches it lets one
+// the AVX2 attention tiles and the AVX2 packed linear kernel. With the libraries' own switches it lets one
 // machine run the whole test suite as an AVX2-only CPU would (.ci/emulate-avx2).
 bool avx512_disabled_by_env() {
   const char* v = std::getenv("FASTCLIP_DISABLE_AVX512");
@@ -153,8 +153,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastclip C++ CPU kernels (fp32, AVX2/FMA) on raw buffers; call them through fastclip.backends.cpu";
   m.def("cpu_supported", &fastclip::cpu_supported, "True if this CPU has AVX2 and FMA (the kernels need both).");
   m.def("set_avx512", &fastclip::set_avx512, py::arg("on"),
-        "set_avx512(on) -> previous: let kernels with an AVX2 and an AVX-512 variant (attention) use AVX-512 "
-        "where the CPU has it (on, the default) or always AVX2 (off, for tests). The linear kernel is AVX-512 only.");
+        "set_avx512(on) -> previous: let kernels with an AVX2 and an AVX-512 variant (attention, linear) use AVX-512 "
+        "where the CPU has it (on, the default) or always AVX2 (off, for tests).");
   m.def("num_threads", &fastclip::max_threads, "Threads a parallel kernel uses now (torch's OpenMP pool).");
   m.def("team_size", &fastclip::team_size, "Threads in a parallel region of the kernels (a check of the pool).");
   m.def("openmp_runtime", &fastclip::omp_runtime_path,

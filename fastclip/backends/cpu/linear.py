@@ -9,9 +9,13 @@ Two GEMMs, chosen by the number of rows M of x (tokens x batch):
   by only a few row tiles, so streaming it from memory is what limits MKL here: over a 12-layer ViT-B
   stack at M = 50 (340 MB of weights, streamed from memory as in the model) the AVX-512 path reaches about
   0.87 of the sgemm rate against 0.61 for MKL's packed GEMM (bench/bench_cpu_ops.py, the streamed-weights
-  group). The AVX2 path, forced on an AVX-512 Intel Xeon under .ci/emulate-avx2 (MKL held to AVX2 too;
-  2 shared cores, ratios from one run), against MKL's packed GEMM on the same stack: 0.76x at M = 1,
-  1.52x at M = 50, 1.47x at M = 100, 1.26x at M = 197 (its limit stays 128 until M = 400 is measured).
+  group; Intel Xeon with AVX-512). The AVX2 path, forced on that machine under .ci/emulate-avx2 (MKL held
+  to AVX2 too), is at par with MKL's packed GEMM on the same stack up to M = 100 and behind above: kernel
+  speed / MKL's 1.00 at M = 1, 1.22 at 16, 1.02 at 50, 1.00 at 100, 0.92 at 128, 0.94 at 197, 0.78 at 400
+  (one run, rounds interleaved, CPU time per round on 2 shared cores; other runs 0.88-0.92 at 50, 0.81-0.87
+  at 128). Hence its own limit, 100 rows (ViT-B-32 at batch 1-2, the text tower at batch 1). This is MKL
+  as it runs on an Intel core; on AMD CPUs it does worse at small M (fastclip's ViT-B-32 at batch 1 on a
+  2-core Zen 3 with every linear on MKL: 183 ms, ONNX Runtime 90 ms), which the emulation cannot show.
   ``linear_act`` applies the bias and the activation in the kernel's epilogue -- the same code as
   ``bias_act`` -- so the MLP's hidden layer is written once.
 * Larger M: MKL's packed-weight GEMM (``torch.ops.mkl._mkl_linear`` on a weight
@@ -43,8 +47,10 @@ _PACKING = os.environ.get("FASTCLIP_MKL_PACK", "1").strip().lower() not in _OFF
 _MKL_PACK = MKL_PACK_AVAILABLE and _PACKING
 KERNEL_AVAILABLE = _C.linear_supported()
 _KERNEL = KERNEL_AVAILABLE and _PACKING
-# Rows up to which the kernel runs, per path (its panel width, _C.linear_panel_width()): see the module docstring.
-KERNEL_MAX_ROWS = {32: 128, 16: 128}  # AVX2: leads MKL 1.26x at 197, 400 unmeasured
+# Rows up to which the kernel runs, per path (its panel width, _C.linear_panel_width()), from the streamed
+# 12-layer ViT-B stack (module docstring): AVX-512 leads MKL by 1.4x at M = 50 and 1.04x at M = 100, MKL
+# leads from M = 200; AVX2 (against MKL held to AVX2) is at par up to M = 100, behind from M = 128.
+KERNEL_MAX_ROWS = {32: 128, 16: 100}
 
 
 # ---------------------------------------------------------------------------------------- the kernel
