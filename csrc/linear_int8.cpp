@@ -8,7 +8,8 @@
 //   x: (M, K) fp32 rows of stride sx (unit stride on K); y: (M, N) fp32 rows of stride sy. K <= 65536, so
 //   every int32 sum is exact (255 * 128 * 65536 < 2^31).
 //
-// Activations are quantised per row inside the call, into per-thread scratch:
+// Activations are quantised per row inside the call, into per-thread scratch (each row first multiplied by
+// x_scale (K,), per channel, where one is given: run-time smoothing, fastclip/backends/int8.py):
 //   lo = min(0, min x), hi = max(0, max x), s = max((hi - lo) / L, 1e-30), z = rint(-lo * (1 / s)),
 //   q = clamp(rint(x * (1 / s)) + z, 0, L)   (fp32 arithmetic, round half to even; a row with NaN or inf
 //   gets s = NaN: its outputs are NaN). Then
@@ -42,6 +43,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "activation.h"
 #include "common.h"
@@ -128,14 +130,23 @@ inline int64_t split(int64_t n, int64_t parts, int64_t i) { return i * n / parts
 namespace fastclip {
 namespace {
 
-// xq[m, 0:K4] = q(x[m, 0:K]) (0 past K), s[m], z[m]: the row quantisation of the header, L levels.
-void quantize_rows(const float* x, int64_t sx, int64_t M, int64_t K, int64_t K4, int L, uint8_t* xq, float* s,
-                   int32_t* z) {
+// xq[m, 0:K4] = q(x[m, 0:K] * xs) (0 past K), s[m], z[m]: the row quantisation of the header, L levels;
+// xs: (K,) per-channel input scales, or nullptr for none (the row is quantised as it is).
+void quantize_rows(const float* x, int64_t sx, const float* xs, int64_t M, int64_t K, int64_t K4, int L,
+                   uint8_t* xq, float* s, int32_t* z) {
   parallel_for(M, std::max<int64_t>(1, 32768 / K4), [&](int64_t r0, int64_t r1) {
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256i vmax8 = _mm256_set1_epi8(static_cast<char>(L));
+    std::vector<float> scaled(xs ? static_cast<size_t>(K) : 0);
     for (int64_t m = r0; m < r1; ++m) {
       const float* xr = x + m * sx;
+      if (xs) {  // the row times xs, once, into this thread's buffer: both passes below read it
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8)
+          _mm256_storeu_ps(scaled.data() + k, _mm256_mul_ps(_mm256_loadu_ps(xr + k), _mm256_loadu_ps(xs + k)));
+        for (; k < K; ++k) scaled[k] = xr[k] * xs[k];
+        xr = scaled.data();
+      }
       // min / max / NaN over the row: four independent chains, then one
       __m256 lo4[4], hi4[4], nan4[4];
       for (int i = 0; i < 4; ++i) lo4[i] = hi4[i] = nan4[i] = _mm256_setzero_ps();
@@ -459,7 +470,7 @@ namespace {
 
 // The whole call: quantise x into the calling thread's scratch, then the GEMM, threads over
 // (row block, contiguous range of column groups) items.
-void linear_int8(const float* x, int64_t sx, const int8_t* packed, const float* ws, const int32_t* cs,
+void linear_int8(const float* x, int64_t sx, const float* xs, const int8_t* packed, const float* ws, const int32_t* cs,
                  const float* bias, float* y, int64_t sy, int64_t M, int64_t N, int64_t K, int act) {
   const Path p = path();
   if (p == kNoPath) throw std::runtime_error("linear_int8: this CPU lacks AVX2/FMA");
@@ -469,7 +480,7 @@ void linear_int8(const float* x, int64_t sx, const int8_t* packed, const float* 
   auto* s = reinterpret_cast<float*>(buf + round_up(M * K4, 64));  // (M,) row scales
   auto* z = reinterpret_cast<int32_t*>(s + M);                      // (M,) row zero points
   py::gil_scoped_release release;
-  quantize_rows(x, sx, M, K, K4, levels(p), xq, s, z);
+  quantize_rows(x, sx, xs, M, K, K4, levels(p), xq, s, z);
   const int64_t block_rows = std::max<int64_t>(6, kBlockBytes / K4 / 12 * 12), blocks = ceil_div(M, block_rows);
   const int64_t parts = std::min<int64_t>(groups, max_threads());
   parallel_for(blocks * parts, 1, [&](int64_t i0, int64_t i1) {
@@ -504,21 +515,23 @@ void bind_linear_int8(py::module_& m) {
   m.def(
       "linear_int8",
       [](uintptr_t x, int64_t sx, uintptr_t packed, uintptr_t w_scale, uintptr_t colsum, uintptr_t bias, uintptr_t y,
-         int64_t sy, int64_t M, int64_t N, int64_t K, int act) {
+         int64_t sy, int64_t M, int64_t N, int64_t K, int act, uintptr_t x_scale) {
         if (act < 0 || act >= kNumActs) throw std::invalid_argument("linear_int8: unknown activation code");
         if (M <= 0 || N <= 0 || K <= 0 || K > kMaxK || sx < 0 || sy < N)
           throw std::invalid_argument("linear_int8: bad sizes or strides (need M, N > 0, 0 < K <= 65536, sy >= N)");
         if (!x || !packed || !w_scale || !colsum || !bias || !y)
           throw std::invalid_argument("linear_int8: null pointer (bias is required: zeros for none)");
-        linear_int8(reinterpret_cast<const float*>(x), sx, reinterpret_cast<const int8_t*>(packed),
+        linear_int8(reinterpret_cast<const float*>(x), sx, reinterpret_cast<const float*>(x_scale),
+                    reinterpret_cast<const int8_t*>(packed),
                     reinterpret_cast<const float*>(w_scale), reinterpret_cast<const int32_t*>(colsum),
                     reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(y), sy, M, N, K, act);
       },
       py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
       py::arg("x"), py::arg("sx"), py::arg("packed"), py::arg("w_scale"), py::arg("colsum"), py::arg("bias"),
-      py::arg("y"), py::arg("sy"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("act"),
-      "y = act(s_x[m] w_scale[n] (q(x) . qW[n] - z[m] colsum[n]) + bias[n]) (csrc/linear_int8.cpp): x (M, K) fp32 "
-      "rows sx apart, packed int8 panels, w_scale/colsum/bias padded to 16 * ceil(N / 16), y (M, N) rows sy apart.");
+      py::arg("y"), py::arg("sy"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("act"), py::arg("x_scale") = 0,
+      "y = act(s_x[m] w_scale[n] (q(x * x_scale) . qW[n] - z[m] colsum[n]) + bias[n]) (csrc/linear_int8.cpp): x (M, K) "
+      "fp32 rows sx apart, x_scale (K,) fp32 per-channel input scales or 0 for none, packed int8 panels, "
+      "w_scale/colsum/bias padded to 16 * ceil(N / 16), y (M, N) rows sy apart.");
 }
 
 }  // namespace fastclip

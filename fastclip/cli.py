@@ -107,7 +107,7 @@ def cmd_info(args) -> int:
 
 
 def _cpu_paths() -> str:
-    """Which CPU code paths run here: the fp32 kernels' vector width, int8 dot products, bf16."""
+    """Which CPU code paths run here: the fp32 kernels' vector width, the int8 GEMM and its dot products, bf16."""
     from fastclip.backends import bf16, int8
 
     try:
@@ -116,7 +116,16 @@ def _cpu_paths() -> str:
         fp32 = "avx512" if _C.avx512_present() else "avx2" if _C.cpu_supported() else "reference ops"
     except ImportError:
         fp32 = "reference ops"
-    int8_dots = "vnni" if not int8.REDUCE_RANGE else "no vnni (7-bit activations)"
+    try:
+        gemm = int8.gemm()
+    except ValueError as exc:
+        gemm = f"unavailable ({exc})"
+    if gemm == "kernel" and int8.KERNEL is not None:
+        int8_dots = f"fastclip kernel {int8.KERNEL.path()}"
+    elif gemm == "fbgemm":
+        int8_dots = "fbgemm " + ("vnni" if not int8.REDUCE_RANGE else "no vnni (7-bit activations)")
+    else:
+        int8_dots = gemm
     bf16_isa = "+".join(bf16.cpu_bf16_instructions()) or "none (bf16 refused)"
     return f"fp32 {fp32}, int8 {int8_dots}, bf16 {bf16_isa}"
 

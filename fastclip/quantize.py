@@ -141,7 +141,7 @@ def layer_errors(model, batches: Batches, absmax: dict[str, torch.Tensor], alpha
     by_id, params = _names(model)
     scales = {n: {a: smoothing_scale(absmax[n], params[n], a) for a in alphas} for n in absmax}
     sums: dict[str, dict] = {}
-    packs: dict[tuple, torch.ScriptObject] = {}
+    packs: dict[tuple, quant.Int8Operand] = {}
 
     def pack(weight, bias, name, alpha):
         key = (quant._key(weight, bias), alpha)
@@ -160,7 +160,7 @@ def layer_errors(model, batches: Batches, absmax: dict[str, torch.Tensor], alpha
         acc = sums.setdefault(name, {})
         for alpha in (None, *scales.get(name, {})):
             xa = x2 if alpha is None else (x2 / scales[name][alpha]).contiguous()
-            yq = torch.ops.quantized.linear_dynamic(xa, pack(weight, bias, name, alpha), quant.REDUCE_RANGE)
+            yq = quant.int8_matmul(xa, pack(weight, bias, name, alpha))
             if alpha not in acc:
                 acc[alpha] = torch.zeros(2, params[name].shape[0], dtype=torch.float64)  # (error, reference) per row
             acc[alpha][0, rows] += (yq.double() - y2).pow(2).sum(dim=0)

@@ -115,3 +115,26 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+def _int8_gemm_params() -> list:
+    """Both int8 GEMMs (fastclip/backends/int8.py); one that cannot run here is skipped with the reason."""
+    from fastclip.backends import int8
+
+    params = []
+    for name in int8.GEMMS:
+        try:
+            int8.choose_gemm(name)
+            params.append(pytest.param(name, id=f"gemm-{name}"))
+        except ValueError as exc:
+            params.append(pytest.param(name, id=f"gemm-{name}", marks=pytest.mark.skip(reason=str(exc))))
+    return params
+
+
+@pytest.fixture(scope="module", params=_int8_gemm_params())
+def int8_gemm(request) -> str:
+    """Each int8 GEMM in turn (FASTCLIP_INT8_GEMM set for the module's tests that use it): int8 models made
+    meanwhile pack their weights for it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTCLIP_INT8_GEMM", request.param)
+        yield request.param

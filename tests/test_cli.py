@@ -10,6 +10,7 @@ from PIL import Image
 
 import fastclip
 from fastclip import tolerance
+from fastclip.backends import int8
 from fastclip.cli import main
 
 
@@ -85,6 +86,7 @@ def test_models_and_info(capsys):
     with open("/proc/cpuinfo") as f:
         flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
     assert ("fp32 avx512" in paths) == ("avx512f" in flags and not os.environ.get("FASTCLIP_DISABLE_AVX512"))
+    assert ("int8 fastclip kernel" in paths) == (int8.gemm() == "kernel")
     assert ("bf16 none" in paths) == (not flags & {"avx512_bf16", "amx_bf16"} or
                                       bool(os.environ.get("FASTCLIP_DISABLE_AVX512")))
 

@@ -26,8 +26,8 @@ MIN_COSINE = tolerance.MIN_COSINE
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """(fp32 model, int8 model loaded from the fp32 model's checkpoint, checkpoint path)."""
+def models(tmp_path_factory, int8_gemm):
+    """(fp32 model, int8 model loaded from the fp32 model's checkpoint, checkpoint path), per int8 GEMM."""
     folder = tmp_path_factory.mktemp("int8")
     raw = {"embed_dim": 512,
            "vision_cfg": {"image_size": 224, "layers": 4, "width": 768, "patch_size": 32},
@@ -134,6 +134,20 @@ def test_int8_model_state(models, inputs):
     assert out.shape == (4, 512) and not out.requires_grad
 
 
+def test_packs_follow_the_gemm(models, int8_gemm, monkeypatch):
+    """Each int8 layer is packed for the GEMM in use; a bad FASTCLIP_INT8_GEMM is a clear error."""
+    entries = [models[1].int8_weights.lookup(w, b) for w, b in quant.int8_linears(models[1])]
+    packs = [e.pack for e in entries if e is not None and e.pack is not None]
+    assert len(packs) == len(entries) > 0
+    kernel = quant.KERNEL.Int8Pack if quant.KERNEL is not None else ()
+    assert all(isinstance(p, kernel) != (int8_gemm == "fbgemm") for p in packs)
+    with pytest.raises(ValueError, match="FASTCLIP_INT8_GEMM='int4'"):
+        quant.choose_gemm("int4")
+    monkeypatch.setenv("FASTCLIP_INT8_GEMM", "int4")
+    with pytest.raises(ValueError, match="FASTCLIP_INT8_GEMM"):
+        fastclip.create_model(MODEL, precision="int8")
+
+
 def test_embed_api_in_int8(models):
     fp32, int8, _ = models
     texts = ["a photo of a cat", "a diagram of a bridge", "two dogs on a beach"]
@@ -142,7 +156,7 @@ def test_embed_api_in_int8(models):
     assert F.cosine_similarity(torch.from_numpy(got), torch.from_numpy(want), dim=-1).min().item() >= MIN_COSINE
 
 
-def test_int8_linear_op():
+def test_int8_linear_op(int8_gemm):
     """The int8 table's linear against F.linear on one layer; unpacked weights run the fp32 op."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 50, 768, generator=gen)
@@ -166,9 +180,17 @@ def test_int8_linear_op():
     w.mul_(2)  # an in-place change re-quantises on the next call
     want = F.linear(x, w, b)
     assert ((ops.linear(x, w, b) - want).norm() / want.norm()).item() < tolerance.INT8_LINEAR_REL
+    weights.add(w, None)  # as an MLP's c_fc: packed without its bias, which linear_act adds with GELU
+    want = F.gelu(F.linear(x, w, b))
+    got = ops.linear_act(x, w, b, "gelu")
+    assert ((got - want).norm() / want.norm()).item() < tolerance.INT8_LINEAR_REL
+    fused = weights.with_bias(w, b)  # on the kernel, the bias and GELU run in its epilogue
+    assert (fused is not None) == (int8_gemm == "kernel")
+    if fused is not None:
+        assert torch.equal(got, quant.KERNEL.linear_int8(x, fused, "gelu"))
 
 
-def test_tiny_model_in_place_weight_change(tiny_config_dir):
+def test_tiny_model_in_place_weight_change(tiny_config_dir, int8_gemm):
     """Another pooling (mean of patches, QuickGELU); a weight edited in place is re-quantised."""
     fp32 = fastclip.create_model("tiny-avgpool-quickgelu", seed=1)
     int8 = fastclip.create_model("tiny-avgpool-quickgelu", seed=1, precision="int8")

@@ -6,10 +6,17 @@ Scheme (per linear layer y = x @ W.T + b):
   quantised once and pre-packed for the int8 GEMM (``quantize_model``); the fp32 master weights stay in
   the model, so ``state_dict`` is unchanged. Which weights: those each module declares in its
   ``int8_linears()`` (``Int8Linears``); a matrix no module declares, as int8 or as exempt, is an error;
-- activations: asymmetric uint8 with one scale / zero point per call, from the tensor's min and max
-  (dynamic quantisation, nothing to calibrate);
-- the GEMM: PyTorch's ``quantized::linear_dynamic`` (fbgemm / oneDNN, VNNI where the CPU has it),
-  int32 accumulation, dequantised with the bias into fp32.
+- activations: asymmetric, quantised in the call from their min and max (dynamic quantisation, nothing to
+  calibrate), int32 accumulation, dequantised with the bias into fp32. Two GEMMs (chosen when a weight is
+  packed, by ``gemm()``; ``FASTCLIP_INT8_GEMM=kernel|fbgemm`` overrides the default):
+
+  * ``kernel``: fastclip's own (csrc/linear_int8.cpp, fastclip/backends/cpu/linear_int8.py): one scale and
+    zero point per row (token), u8 activations with VNNI, u7 without. The default where it runs its
+    AVX-512 VNNI path: 1.33-1.39x fbgemm's VNNI kernel inside a 12-layer ViT-B stack at 50 and 197 rows,
+    two threads (bench/bench_linear_int8.py, AMD EPYC Zen 4 with AVX-512 VNNI).
+  * ``fbgemm``: PyTorch's ``quantized::linear_dynamic`` (fbgemm), one scale / zero point per call. The
+    default elsewhere: without VNNI, fbgemm's own AVX2 kernel has not been measured against the kernel's
+    (on a VNNI CPU fbgemm always runs its VNNI code, so the AVX2-only comparison needs such a CPU).
 
 Only ``linear`` changes: layer norm, attention, bias + activation and the pooled-row projections run
 the fp32 ops of the model's backend (``cpu``, the C++ kernels, or ``ref``). The int8 table looks the packed weight up by
@@ -36,7 +43,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -44,12 +51,48 @@ from torch import nn
 from .dispatch import OpTable, compose_linear_act
 from .weight_packs import DerivedWeights
 
+# A packed int8 weight: torch's (a ScriptObject, fbgemm) or the kernel's (linear_int8.Int8Pack).
+Int8Operand = Any
 # fbgemm's int8 kernel without VNNI sums pairs of u8*s8 products in int16, which can saturate; 7-bit
 # activations (reduce_range) avoid it. With VNNI (vpdpbusd) the sums are int32 and all 8 bits are used.
 REDUCE_RANGE = not (hasattr(torch.cpu, "_is_vnni_supported") and torch.cpu._is_vnni_supported())
 # The quantized engine the weights are packed for (fbgemm measured fastest inside ViT-B-32 here); a
 # packed weight carries its engine, so torch's global engine setting does not matter at run time.
 ENGINE = next((e for e in ("fbgemm", "x86", "onednn") if e in torch.backends.quantized.supported_engines), None)
+
+
+def _kernel():
+    """fastclip/backends/cpu/linear_int8.py where this CPU runs it (C++ extension built, AVX2 + FMA), else None."""
+    try:
+        from .cpu import linear_int8
+    except ImportError:
+        return None
+    return linear_int8 if linear_int8.available() else None
+
+
+KERNEL = _kernel()
+GEMMS = ("kernel", "fbgemm")
+KERNEL_DEFAULT_PATHS = ("avx512_vnni",)  # where the kernel is the default GEMM (measured faster; module docstring)
+
+
+def choose_gemm(setting: str | None = None) -> str:
+    """The int8 GEMM for ``setting`` ("kernel", "fbgemm", or ""/"auto"/None: by the CPU, see the module
+    docstring). ValueError for an unknown name or a GEMM that cannot run here."""
+    name = (setting or "auto").strip().lower()
+    if name == "auto":
+        return "kernel" if KERNEL is not None and KERNEL.path() in KERNEL_DEFAULT_PATHS else "fbgemm"
+    if name not in GEMMS:
+        raise ValueError(f"FASTCLIP_INT8_GEMM={setting!r}: expected one of {', '.join(GEMMS)} or auto")
+    if name == "kernel" and KERNEL is None:
+        raise ValueError("FASTCLIP_INT8_GEMM=kernel: fastclip's int8 kernel needs the C++ extension and AVX2 + FMA")
+    if name == "fbgemm" and ENGINE is None:
+        raise ValueError("FASTCLIP_INT8_GEMM=fbgemm: this PyTorch build has no x86 int8 GEMM engine")
+    return name
+
+
+def gemm() -> str:
+    """The int8 GEMM that new packs use: ``FASTCLIP_INT8_GEMM`` (kernel, fbgemm, auto), by default by the CPU."""
+    return choose_gemm(os.environ.get("FASTCLIP_INT8_GEMM"))
 
 
 def why_not_int8(device: torch.device | str, backend: str | None) -> str | None:
@@ -61,9 +104,13 @@ def why_not_int8(device: torch.device | str, backend: str | None) -> str | None:
     backend = backend or os.environ.get("FASTCLIP_BACKEND", "")
     if backend.strip().lower() == "triton":
         return "int8 precision runs with the cpu or ref backend, not triton (the Triton kernels are GPU kernels)"
-    if ENGINE is None:
+    try:
+        name = gemm()
+    except ValueError as exc:
+        return str(exc)
+    if name == "fbgemm" and ENGINE is None:
         return ("this PyTorch build has no x86 int8 GEMM engine (fbgemm, x86 or onednn; it has "
-                f"{torch.backends.quantized.supported_engines})")
+                f"{torch.backends.quantized.supported_engines}) and fastclip's own int8 kernel does not run here")
     return None
 
 
@@ -86,9 +133,10 @@ def _engine(name: str):
 
 
 @torch.no_grad()
-def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
-    """A (N, K) fp32 weight (and its (N,) bias) as a pre-packed per-channel int8 GEMM operand."""
-    return pack_quantized(*quantize_weight(weight), bias)
+def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, gemm_name: str | None = None) -> Int8Operand:
+    """A (N, K) fp32 weight (and its (N,) bias) as a pre-packed per-channel int8 operand of the GEMM
+    ``gemm_name`` (default ``gemm()``)."""
+    return pack_quantized(*quantize_weight(weight), bias, gemm_name)
 
 
 @torch.no_grad()
@@ -101,8 +149,15 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def pack_quantized(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
-    """int8 values (N, K) with fp32 per-row scales (N,) (and a bias (N,)) as a pre-packed GEMM operand."""
+def pack_quantized(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                   gemm_name: str | None = None) -> Int8Operand:
+    """int8 values (N, K) with fp32 per-row scales (N,) (and a bias (N,)) as a pre-packed operand of the GEMM
+    ``gemm_name`` ("kernel": an ``Int8Pack``; "fbgemm": torch's packed weight; default ``gemm()``)."""
+    if (gemm_name or gemm()) == "kernel":
+        if KERNEL is None:
+            raise ValueError("the int8 kernel needs the C++ extension and AVX2 + FMA")
+        b = None if bias is None else bias.detach().float()
+        return KERNEL.pack_int8_quantized(q, scale.float(), b, keep_qweight=False)
     zero = torch.zeros(q.shape[0], dtype=torch.long)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the quantized-tensor deprecation notice
@@ -110,6 +165,16 @@ def pack_quantized(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | No
     b = None if bias is None else bias.detach().float().contiguous()
     with _engine(ENGINE):
         return torch.ops.quantized.linear_prepack(wq, b)
+
+
+def int8_matmul(x: torch.Tensor, operand: Int8Operand, x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(x * x_scale) @ the operand's int8 weight (N, K).T + its bias -> (M, N) fp32.  x: (M, K) fp32 (unit
+    stride on K); x_scale: (K,) per-channel input scales (run-time smoothing) or None."""
+    if isinstance(operand, torch.ScriptObject):
+        if x_scale is not None:
+            x = x * x_scale
+        return torch.ops.quantized.linear_dynamic(x if x.is_contiguous() else x.contiguous(), operand, REDUCE_RANGE)
+    return KERNEL.linear_int8(x, operand, x_scale=x_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +224,7 @@ class Int8Entry:
     """What the int8 table runs for one (weight, bias): ``pack`` (int8) or fp32 ``weight`` / ``bias``
     copies; ``input_scale`` (K,) multiplies the input first, or None."""
 
-    pack: torch.ScriptObject | None
+    pack: Int8Operand | None
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
@@ -190,6 +255,7 @@ class Int8Weights:
         self._preloaded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._norms = DerivedWeights(self._make_norm)
         self._norm_scales: dict[tuple, torch.Tensor] = {}
+        self._with_bias = DerivedWeights(self._make_with_bias)  # kernel packs with a linear_act's bias
         self.nbytes = 0  # int8 weights + fp32 biases held by the packs (besides the fp32 masters)
         self.plan = Int8Plan()
 
@@ -234,6 +300,20 @@ class Int8Weights:
     @property
     def has_norms(self) -> bool:
         return len(self._norms) > 0
+
+    def _make_with_bias(self, weight: torch.Tensor, bias: torch.Tensor):
+        entry = self.lookup(weight, None)
+        if entry is None or KERNEL is None or not isinstance(entry.pack, KERNEL.Int8Pack):
+            return None
+        with torch.inference_mode(False), torch.no_grad():
+            padded = torch.zeros_like(entry.pack.bias)  # (16 * ceil(N / 16),), zero past N
+            padded[: bias.shape[0]] = bias.detach().float()
+        return dataclasses.replace(entry.pack, bias=padded)
+
+    def with_bias(self, weight: torch.Tensor, bias: torch.Tensor):
+        """The kernel pack of (weight, None) with ``bias`` (N,) in its epilogue (made once per version of
+        both; None if that layer is not on the kernel or ``bias`` is an inference tensor)."""
+        return self._with_bias.get(weight, bias)
 
     def lookup(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Entry | None:
         """The entry of ``weight`` with this ``bias`` (remade if either changed), or None."""
@@ -406,28 +486,45 @@ def int8_ops(base: OpTable, weights: Int8Weights) -> OpTable:
     ``layer_norm`` using the smoothed gain and bias of the LayerNorms that ``weights`` folds smoothing into)."""
     fp32_linear, fp32_layer_norm = base.linear, base.layer_norm
 
-    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, upcast: bool = False):
-        """y = x @ weight.T + bias.  x: (..., K) fp32, weight: (N, K), bias: (N,) -> (..., N) fp32."""
+    def int8_entry(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, upcast: bool):
+        """The entry of (weight, bias) if this call runs it (fp32 CPU input, checked), else None: the fp32 op."""
         if upcast or x.dtype != torch.float32 or x.numel() == 0:
-            return fp32_linear(x, weight, bias, upcast=upcast)
+            return None
         if x.device.type != "cpu":
             raise ValueError(f"int8 models run on the CPU, got an input on {x.device}")
         entry = weights.lookup(weight, bias)
-        if entry is None:
-            return fp32_linear(x, weight, bias)
-        if entry.pack is None:
-            return fp32_linear(x, entry.weight, entry.bias)
+        if entry is None or entry.pack is None:
+            return entry
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("int8 linear layers have no backward; run the model under torch.no_grad() "
                                "or torch.inference_mode(), or use precision='fp32' to train")
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]}")
-        x2 = x.reshape(-1, x.shape[-1])
-        if entry.input_scale is not None:
-            x2 = x2 * entry.input_scale
-        y = torch.ops.quantized.linear_dynamic(x2 if x2.is_contiguous() else x2.contiguous(), entry.pack,
-                                               REDUCE_RANGE)
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return entry
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, upcast: bool = False):
+        """y = x @ weight.T + bias.  x: (..., K) fp32, weight: (N, K), bias: (N,) -> (..., N) fp32."""
+        entry = int8_entry(x, weight, bias, upcast)
+        if entry is None:
+            return fp32_linear(x, weight, bias, upcast=upcast)
+        if entry.pack is None:
+            return fp32_linear(x, entry.weight, entry.bias)
+        return int8_matmul(x.reshape(-1, x.shape[-1]), entry.pack, entry.input_scale).view(*x.shape[:-1],
+                                                                                          weight.shape[0])
+
+    composed_linear_act = compose_linear_act(linear, base.bias_act)
+
+    def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool = False):
+        """act(x @ weight.T + bias).  x: (..., K) fp32, weight: (N, K), bias: (N,) or None -> (..., N) fp32. A
+        layer on fastclip's int8 kernel gets the bias and activation in the kernel's epilogue (the MLP's hidden
+        layer is written once); otherwise the int8 ``linear``, then ``bias_act``."""
+        if KERNEL is not None and bias is not None and act in KERNEL.ACT_CODES:
+            entry = int8_entry(x, weight, None, upcast)
+            if entry is not None and isinstance(entry.pack, KERNEL.Int8Pack):
+                pack = weights.with_bias(weight, bias)
+                if pack is not None:
+                    return KERNEL.linear_int8(x, pack, act, x_scale=entry.input_scale)
+        return composed_linear_act(x, weight, bias, act, upcast=upcast)
 
     def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                    residual: torch.Tensor | None = None, upcast: bool = False):
@@ -437,5 +534,5 @@ def int8_ops(base: OpTable, weights: Int8Weights) -> OpTable:
             weight, bias = smoothed
         return fp32_layer_norm(x, weight, bias, eps, residual=residual, upcast=upcast)
 
-    table = dataclasses.replace(base, linear=linear, linear_act=compose_linear_act(linear, base.bias_act))
+    table = dataclasses.replace(base, linear=linear, linear_act=linear_act)
     return dataclasses.replace(table, layer_norm=layer_norm) if weights.has_norms else table

@@ -1,7 +1,7 @@
 """``linear`` / ``linear_act`` of the cpu backend (fastclip/backends/cpu/linear.py): the packed-panel kernel of
 csrc/linear.cpp on both its paths -- AVX-512 (32-column panels) where the CPU has it, AVX2 + FMA (16-column
 panels) on every CPU the extension runs on, the ``path`` fixture selecting one with ``_C.set_avx512`` -- and MKL's
-packed GEMM above each path's row limit, under the fp32 rule of fastclip/tolerance.py: against the reference ops
+packed GEMM or oneDNN's above each path's row limit, under the fp32 rule of fastclip/tolerance.py: against the reference ops
 run in float64 on the same inputs, at most FP32_ERROR_FACTOR x the fp32 reference's own error.
 
 Awkward shapes: rows 1..13 around the tiles (12 rows on AVX-512, 6 on AVX2), 24..128, and 300 / 400 (several
@@ -37,6 +37,7 @@ PANELS = {"avx512": 32, "avx2": 16}  # path -> its panel width (_C.linear_panel_
 def _fresh_packs(monkeypatch):
     monkeypatch.setattr(cpu_linear, "_KERNEL", cpu_linear.KERNEL_AVAILABLE)
     monkeypatch.setattr(cpu_linear, "_MKL_PACK", cpu_linear.MKL_PACK_AVAILABLE)
+    monkeypatch.setattr(cpu_linear, "_PACKING", True)
     cpu_linear.clear_packed_weights()
     with torch.no_grad():
         yield
@@ -196,10 +197,24 @@ def test_a_pack_runs_only_on_its_own_path():
     assert _C.linear_packed_size(N=20, K=40, panel=16) == 32 * 40 == _C.linear_packed_size(N=20, K=40, panel=32)
 
 
+def _large_gemms() -> list:
+    """Both large-M GEMMs; one this torch lacks is skipped with the reason."""
+    params = []
+    for name in cpu_linear.LARGE_GEMMS:
+        try:
+            cpu_linear.choose_large_gemm(name)
+            params.append(name)
+        except ValueError as exc:
+            params.append(pytest.param(name, marks=pytest.mark.skip(reason=str(exc))))
+    return params
+
+
+@pytest.mark.parametrize("large_gemm", _large_gemms())
 @pytest.mark.parametrize("case", ["above the kernel's rows", "kernel off"])
-def test_mkl_path(path, case, monkeypatch):
-    """Above the running path's KERNEL_MAX_ROWS rows, or with the kernel off: MKL, packed on the second call
-    with the same M; linear_act adds bias_act."""
+def test_large_gemm_path(path, case, large_gemm, monkeypatch):
+    """Above the running path's KERNEL_MAX_ROWS rows, or with the kernel off: the large-M GEMM -- MKL, packed
+    on the second call with the same M, or oneDNN, packed once for any M; linear_act adds bias_act."""
+    monkeypatch.setattr(cpu_linear, "LARGE_GEMM", large_gemm)
     M = cpu_linear.KERNEL_MAX_ROWS[path] + 1
     if case == "kernel off":
         monkeypatch.setattr(cpu_linear, "_KERNEL", False)
@@ -208,9 +223,21 @@ def test_mkl_path(path, case, monkeypatch):
     for act in ("none", "quick_gelu", "quick_gelu"):  # F.linear, then pack, then packed
         check(cpu_linear.linear_act(x, weight, bias, act), x, weight, bias, act)
     assert len(cpu_linear._KERNEL_PACKS) == 0
-    if cpu_linear.MKL_PACK_AVAILABLE:
-        assert cpu_linear._MKL_PACKS.get(weight).m == M
+    if large_gemm == "onednn":
+        assert len(cpu_linear._MKL_PACKS) == 0 and cpu_linear.onednn.PACKS.get(weight, create=False) is not None
+    elif cpu_linear.MKL_PACK_AVAILABLE:
+        assert cpu_linear._MKL_PACKS.get(weight).m == M and len(cpu_linear.onednn.PACKS) == 0
     check(cpu_linear.linear(x[:M - 1], weight), x[:M - 1], weight, None)
+
+
+def test_large_gemm_choice(monkeypatch):
+    """oneDNN on CPUs not made by Intel, MKL on Intel's (where MKL runs its own fast code); a bad name is refused."""
+    for vendor, want in (("GenuineIntel", "mkl"), ("AuthenticAMD", "onednn"), ("", "mkl")):
+        monkeypatch.setattr(cpu_linear, "_cpu_vendor", lambda vendor=vendor: vendor)
+        assert cpu_linear.choose_large_gemm(None) == (want if cpu_linear.onednn.AVAILABLE else "mkl")
+    assert cpu_linear.choose_large_gemm(" MKL ") == "mkl"
+    with pytest.raises(ValueError, match="FASTCLIP_LARGE_GEMM='blas'"):
+        cpu_linear.choose_large_gemm("blas")
 
 
 def test_packs_follow_the_weight():
@@ -261,7 +288,7 @@ def test_what_the_kernels_do_not_take_runs_the_reference():
 
 
 def test_packing_off_runs_the_reference(monkeypatch):
-    """FASTCLIP_MKL_PACK=0 turns both packed paths off: no packs, F.linear (the reference's, bit for bit),
+    """FASTCLIP_MKL_PACK=0 turns every packed path off: no packs, F.linear (the reference's, bit for bit),
     and for linear_act the C++ bias_act after it."""
     probe = "from fastclip.backends.cpu import linear as cpu_linear; print(cpu_linear._PACKING, cpu_linear._KERNEL, cpu_linear._MKL_PACK)"
     env = {**os.environ, "FASTCLIP_MKL_PACK": "0"}
@@ -269,9 +296,10 @@ def test_packing_off_runs_the_reference(monkeypatch):
     assert out.stdout.split() == ["False", "False", "False"]
     monkeypatch.setattr(cpu_linear, "_KERNEL", False)
     monkeypatch.setattr(cpu_linear, "_MKL_PACK", False)
+    monkeypatch.setattr(cpu_linear, "_PACKING", False)
     for rows in (50, 300):
         x, weight, bias = operands(rows, 64, 96)
         for _ in range(2):
             assert torch.equal(cpu_linear.linear(x, weight, bias), ref.linear(x, weight, bias))
             check(cpu_linear.linear_act(x, weight, bias, "gelu"), x, weight, bias, "gelu")
-    assert len(cpu_linear._KERNEL_PACKS) == 0 and len(cpu_linear._MKL_PACKS) == 0
+    assert len(cpu_linear._KERNEL_PACKS) == 0 and len(cpu_linear._MKL_PACKS) == 0 and len(cpu_linear.onednn.PACKS) == 0

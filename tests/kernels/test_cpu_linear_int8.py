@@ -235,6 +235,22 @@ def test_strided_and_batched_inputs(kernel_path, record_error):
     assert torch.equal(li8.linear_int8(wide[:, 13:109], pack), li8.linear_int8(x, pack))
 
 
+def test_input_scale_is_applied_per_channel(kernel_path):
+    """x_scale multiplies each row by a per-channel vector as it is quantised: the same bits as the kernel on
+    x * x_scale (one fp32 multiply either way), strided rows included."""
+    x, weight, bias = operands(50, 100, 40, seed=6)  # K = 100: a tail past the last 8 and the last 32
+    x_scale = torch.rand(100, generator=gen(7)) * 4 + 0.05
+    pack = li8.pack_int8(weight, bias)
+    wide = torch.randn(50, 130, generator=gen(8))
+    wide[:, 3:103] = x
+    want = li8.linear_int8(x * x_scale, pack, "gelu")
+    assert torch.equal(li8.linear_int8(x, pack, "gelu", x_scale=x_scale), want)
+    assert torch.equal(li8.linear_int8(wide[:, 3:103], pack, "gelu", x_scale=x_scale), want)
+    for bad in (x_scale[:99], x_scale.double(), torch.rand(200)[::2]):
+        with pytest.raises(ValueError, match="x_scale"):
+            li8.linear_int8(x, pack, x_scale=bad)
+
+
 def test_non_finite_rows_give_nan(kernel_path):
     x, weight, bias = operands(8, 40, 20)
     x[2, 5] = float("nan")

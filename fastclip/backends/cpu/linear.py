@@ -1,6 +1,6 @@
 """``linear`` and ``linear_act`` of the ``cpu`` backend: GEMMs on weights packed once.
 
-Two GEMMs, chosen by the number of rows M of x (tokens x batch):
+The GEMM is chosen by the number of rows M of x (tokens x batch):
 
 * M <= KERNEL_MAX_ROWS[panel width], on any CPU with AVX2 + FMA: the kernel of csrc/linear.cpp, on its
   AVX-512 path (32-column panels) while AVX-512 is enabled, else its AVX2 path (16-column panels). The
@@ -18,14 +18,17 @@ Two GEMMs, chosen by the number of rows M of x (tokens x batch):
   2-core Zen 3 with every linear on MKL: 183 ms, ONNX Runtime 90 ms), which the emulation cannot show.
   ``linear_act`` applies the bias and the activation in the kernel's epilogue -- the same code as
   ``bias_act`` -- so the MLP's hidden layer is written once.
-* Larger M: MKL's packed-weight GEMM (``torch.ops.mkl._mkl_linear`` on a weight
-  reordered once by ``_mkl_reorder_linear_weight``), which is faster once each weight is reused by many
-  rows. MKL packs for one M, so a weight is packed when the same M is seen twice in a row (varying text
-  lengths never repack on every call); ``linear_act`` then adds ``bias_act``.
+* Larger M (``LARGE_GEMM``; ``FASTCLIP_LARGE_GEMM=mkl|onednn`` overrides the choice): on Intel CPUs MKL's
+  packed-weight GEMM (``torch.ops.mkl._mkl_linear`` on a weight reordered once by
+  ``_mkl_reorder_linear_weight``), which is faster once each weight is reused by many rows. MKL packs for
+  one M, so a weight is packed when the same M is seen twice in a row (varying text lengths never repack on
+  every call). On other CPUs (AMD), oneDNN's GEMM on a weight reordered once for any M
+  (fastclip/backends/cpu/onednn.py): on a 2-core Zen 4 it ran ViT-B's linears at 1.3-1.5x MKL's rate from
+  197 rows up. Either way ``linear_act`` then adds ``bias_act``.
 
 Packs are made on first use and dropped when the weight changes in place or is freed
 (fastclip/backends/weight_packs.py); each costs about as much memory as its weight. FASTCLIP_MKL_PACK=0 turns
-both off (plain F.linear, as the reference; ``linear_act`` then adds ``bias_act``). Anything the C++ ops do not take -- other dtypes,
+them all off (plain F.linear, as the reference; ``linear_act`` then adds ``bias_act``). Anything the C++ ops do not take -- other dtypes,
 autograd, empty inputs -- runs the reference ops, as everywhere in the cpu backend.
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 
 from ... import _C, ref
 from ..weight_packs import DerivedWeights
+from . import onednn
 from .bias_act import bias_act
 from .common import ACT_CODES, native, ptr, unit_last
 
@@ -51,6 +55,33 @@ _KERNEL = KERNEL_AVAILABLE and _PACKING
 # 12-layer ViT-B stack (module docstring): AVX-512 leads MKL by 1.4x at M = 50 and 1.04x at M = 100, MKL
 # leads from M = 200; AVX2 (against MKL held to AVX2) is at par up to M = 100, behind from M = 128.
 KERNEL_MAX_ROWS = {32: 128, 16: 100}
+LARGE_GEMMS = ("mkl", "onednn")
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...), or "" where /proc/cpuinfo does not say."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def choose_large_gemm(setting: str | None = None) -> str:
+    """The GEMM for calls above the kernel's rows: ``setting`` ("mkl", "onednn"; ""/"auto"/None: oneDNN on
+    CPUs not made by Intel, where MKL does not run its fast code -- fastclip/backends/cpu/onednn.py has the
+    measurements -- MKL on Intel's). ValueError for an unknown name or oneDNN missing from this torch."""
+    name = (setting or "auto").strip().lower()
+    if name == "auto":
+        return "onednn" if onednn.AVAILABLE and _cpu_vendor() not in ("GenuineIntel", "") else "mkl"
+    if name not in LARGE_GEMMS:
+        raise ValueError(f"FASTCLIP_LARGE_GEMM={setting!r}: expected one of {', '.join(LARGE_GEMMS)} or auto")
+    if name == "onednn" and not onednn.AVAILABLE:
+        raise ValueError("FASTCLIP_LARGE_GEMM=onednn: this PyTorch build has no oneDNN linear ops")
+    return name
+
+
+LARGE_GEMM = choose_large_gemm(os.environ.get("FASTCLIP_LARGE_GEMM"))
 
 
 # ---------------------------------------------------------------------------------------- the kernel
@@ -146,10 +177,20 @@ def _mkl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def _large(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias above the kernel's rows: oneDNN or MKL (``LARGE_GEMM``), plain F.linear unpacked."""
+    if LARGE_GEMM == "onednn" and _PACKING:
+        y = onednn.gemm(x, weight, bias)
+        if y is not None:
+            return y
+    return _mkl(x, weight, bias)
+
+
 def clear_packed_weights() -> None:
     """Drop every packed weight (needed only after writing weights behind torch's back, e.g. via numpy)."""
     _MKL_PACKS.clear()
     _KERNEL_PACKS.clear()
+    onednn.PACKS.clear()
 
 
 # ---------------------------------------------------------------------------------------- the ops
@@ -164,7 +205,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if upcast or not _takes(x, weight, bias):
         return ref.linear(x, weight, bias, upcast=upcast)
     y = _kernel(x, weight, bias, 0) if _KERNEL else None
-    return y if y is not None else _mkl(x, weight, bias)
+    return y if y is not None else _large(x, weight, bias)
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool = False):
@@ -174,4 +215,4 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if upcast or code is None or not _takes(x, weight, bias):
         return ref.linear_act(x, weight, bias, act, upcast=upcast)
     y = _kernel(x, weight, bias, code) if _KERNEL else None
-    return y if y is not None else bias_act(_mkl(x, weight, None), bias, act)
+    return y if y is not None else bias_act(_large(x, weight, None), bias, act)

@@ -94,13 +94,14 @@ class Int8Pack:
     """An (N, K) weight quantised and packed for ``linear_int8``.
 
     packed: int8 (ceil(N/16) * ceil(K/4) * 64,); w_scale, bias: fp32 (16 * ceil(N/16),); colsum: int32, the same
-    size; padding is zero. ``qweight`` (N, K) int8 (W ~ w_scale[:N, None] * qweight) is kept for references."""
+    size; padding is zero. ``qweight`` (N, K) int8 (W ~ w_scale[:N, None] * qweight), kept for references, or
+    None where the packer dropped it (``keep_qweight=False``)."""
 
     packed: torch.Tensor
     w_scale: torch.Tensor
     colsum: torch.Tensor
     bias: torch.Tensor
-    qweight: torch.Tensor
+    qweight: torch.Tensor | None
     N: int
     K: int
     ptrs: tuple[int, int, int, int] = field(init=False, repr=False, compare=False)  # the kernel's operands
@@ -124,9 +125,11 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def pack_int8_quantized(qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Pack:
+def pack_int8_quantized(qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                        keep_qweight: bool = True) -> Int8Pack:
     """Pack an already quantised weight: ``qweight`` (N, K) int8 (any of -128..127), ``w_scale`` (N,), ``bias``
-    (N,) or None; the layer is ``x @ (w_scale[:, None] * qweight).T + bias``."""
+    (N,) or None; the layer is ``x @ (w_scale[:, None] * qweight).T + bias``. ``keep_qweight=False`` leaves
+    ``qweight`` out of the pack (a model's packs: the kernel reads only ``packed``)."""
     if qweight.ndim != 2 or qweight.dtype != torch.int8:
         raise ValueError(f"pack_int8: qweight must be (N, K) int8, got {tuple(qweight.shape)} {qweight.dtype}")
     N, K = qweight.shape
@@ -149,7 +152,7 @@ def pack_int8_quantized(qweight: torch.Tensor, w_scale: torch.Tensor, bias: torc
 
     return Int8Pack(packed=packed, w_scale=pad(w_scale.float(), torch.float32),
                     colsum=pad(q.sum(1, dtype=torch.int32), torch.int32), bias=pad(bias, torch.float32),
-                    qweight=q.contiguous(), N=N, K=K)
+                    qweight=q.contiguous() if keep_qweight else None, N=N, K=K)
 
 
 def pack_int8(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Pack:
@@ -160,9 +163,11 @@ def pack_int8(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Pac
     return pack_int8_quantized(q, scale, bias)
 
 
-def linear_int8(x: torch.Tensor, pack: Int8Pack, act: str = "none") -> torch.Tensor:
-    """act(x @ W^T + bias) in int8: x (..., K) fp32 CPU -> (..., N) fp32, act in none/gelu/gelu_tanh/quick_gelu.
-    Each row of x gets its own scale; a row with NaN or inf gives NaN outputs."""
+def linear_int8(x: torch.Tensor, pack: Int8Pack, act: str = "none", x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """act((x * x_scale) @ W^T + bias) in int8: x (..., K) fp32 CPU -> (..., N) fp32, act in
+    none/gelu/gelu_tanh/quick_gelu; ``x_scale``: (K,) fp32 per-channel input scales applied as each row is
+    quantised (run-time smoothing), or None. Each row of x gets its own scale; a row with NaN or inf gives
+    NaN outputs."""
     code = ACT_CODES.get(act)
     if code is None:
         raise ValueError(f"linear_int8: unknown activation {act!r} (have {sorted(ACT_CODES)})")
@@ -173,6 +178,9 @@ def linear_int8(x: torch.Tensor, pack: Int8Pack, act: str = "none") -> torch.Ten
         raise ValueError(f"linear_int8: x (..., {pack.K}) expected, got {tuple(shape)}")
     if not _AVAILABLE:
         raise RuntimeError("linear_int8: this CPU lacks AVX2/FMA")
+    if x_scale is not None and (x_scale.shape != (pack.K,) or x_scale.dtype != torch.float32 or not x_scale.is_cpu
+                                or not x_scale.is_contiguous()):
+        raise ValueError(f"linear_int8: x_scale must be a contiguous ({pack.K},) fp32 CPU tensor")
     x2 = x if len(shape) == 2 else x.reshape(-1, pack.K)  # (M, K): a view where the layout allows
     if x2.stride(1) != 1 and pack.K > 1:
         x2 = x2.contiguous()
@@ -182,5 +190,6 @@ def linear_int8(x: torch.Tensor, pack: Int8Pack, act: str = "none") -> torch.Ten
         sx = x2.stride(0) if M > 1 else pack.K  # a single row's stride is arbitrary; 0 (a broadcast row) is fine
         packed, w_scale, colsum, bias = pack.ptrs
         _C.linear_int8(x=x2.data_ptr(), sx=sx, packed=packed, w_scale=w_scale, colsum=colsum, bias=bias,
-                       y=y.data_ptr(), sy=pack.N, M=M, N=pack.N, K=pack.K, act=code)
+                       y=y.data_ptr(), sy=pack.N, M=M, N=pack.N, K=pack.K, act=code,
+                       x_scale=0 if x_scale is None else x_scale.data_ptr())
     return y if len(shape) == 2 else y.view(*shape[:-1], pack.N)
