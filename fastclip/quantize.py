@@ -96,10 +96,10 @@ def _encode(model, kind: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"calibration batches are ('image', pixels) or ('text', tokens), got {kind!r}")
 
 
-def _names(model) -> tuple[dict[int, str], dict[str, torch.Tensor]]:
+def _names(model) -> tuple[dict[int, str], dict[str, torch.Tensor], quant.Owners]:
     layers = quant.int8_layer_names(model)
     params = dict(model.named_parameters())
-    return {id(params[n]): n for n in layers}, {n: params[n] for n in layers}
+    return {id(params[n]): n for n in layers}, {n: params[n] for n in layers}, quant.Owners(model)
 
 
 def _progress(enabled: bool, desc: str):
@@ -110,11 +110,11 @@ def _progress(enabled: bool, desc: str):
 
 def collect_absmax(model, batches: Batches, progress: bool = False) -> dict[str, torch.Tensor]:
     """{int8 layer name: max |input| per channel (K,)} over every call on ``batches`` (fp32 model)."""
-    by_id, _ = _names(model)
+    by_id, _, owner = _names(model)
     absmax: dict[str, torch.Tensor] = {}
 
     def linear(x, weight, bias=None, upcast=False):
-        name = by_id.get(id(quant._owner(weight)))
+        name = by_id.get(id(owner(weight)))
         if name is not None and x.numel():
             m = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
             absmax[name] = torch.maximum(absmax[name], m) if name in absmax else m
@@ -138,7 +138,7 @@ def _relative(err: torch.Tensor, ref: torch.Tensor) -> float:
 def layer_errors(model, batches: Batches, absmax: dict[str, torch.Tensor], alphas=ALPHAS, progress: bool = False):
     """({layer name: {alpha or None: (squared error (N,), squared fp32 output (N,)) per output channel,
     float64 (2, N)}}, {tower: [fp32 embedding batches (B, E)]}, {layer name: {alpha: s (K,)}})."""
-    by_id, params = _names(model)
+    by_id, params, owner = _names(model)
     scales = {n: {a: smoothing_scale(absmax[n], params[n], a) for a in alphas} for n in absmax}
     sums: dict[str, dict] = {}
     packs: dict[tuple, quant.Int8Operand] = {}
@@ -152,11 +152,11 @@ def layer_errors(model, batches: Batches, absmax: dict[str, torch.Tensor], alpha
 
     def linear(x, weight, bias=None, upcast=False):
         y = fp32(x, weight, bias, upcast=upcast)
-        name = by_id.get(id(quant._owner(weight)))
+        name = by_id.get(id(owner(weight)))
         if name is None or not x.numel():
             return y
         x2, y2 = x.detach().reshape(-1, x.shape[-1]).contiguous(), y.detach().reshape(-1, y.shape[-1]).double()
-        rows = quant._row_range(weight, quant._owner(weight))  # a q / kv view's rows of in_proj
+        rows = quant._row_range(weight, owner(weight))  # a q / kv view's rows of in_proj
         acc = sums.setdefault(name, {})
         for alpha in (None, *scales.get(name, {})):
             xa = x2 if alpha is None else (x2 / scales[name][alpha]).contiguous()

@@ -148,6 +148,15 @@ def test_packs_follow_the_gemm(models, int8_gemm, monkeypatch):
         fastclip.create_model(MODEL, precision="int8")
 
 
+def test_made_under_inference_mode(models, inputs):
+    """A model made inside torch.inference_mode() is the model made outside it: normal tensors, packed alike."""
+    with torch.inference_mode():
+        inside = fastclip.load(MODEL, pretrained=models[2], precision="int8")
+        assert not any(p.is_inference() for p in inside.parameters())
+        got, want = inside.encode_image(inputs[0][:4]), models[1].encode_image(inputs[0][:4])
+    assert torch.equal(got, want)
+
+
 def test_embed_api_in_int8(models):
     fp32, int8, _ = models
     texts = ["a photo of a cat", "a diagram of a bridge", "two dogs on a beach"]

@@ -342,8 +342,24 @@ def _matrix_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters() if p.ndim >= 2}
 
 
-def _owner(t: torch.Tensor) -> torch.Tensor:
-    return t if t._base is None else t._base
+class Owners:
+    """Finds the matrix parameter of ``model`` whose memory a weight (or a row view of one) is: the view's
+    base, or -- for a view of an inference tensor (a model made under ``torch.inference_mode()``), which has
+    no base -- the matrix whose storage and element range hold it; else the tensor itself."""
+
+    def __init__(self, model: nn.Module):
+        self._by_storage: dict[int, list[torch.Tensor]] = {}
+        for p in model.parameters():
+            if p.ndim >= 2:
+                self._by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(p)
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if t._base is not None:
+            return t._base
+        for p in self._by_storage.get(t.untyped_storage().data_ptr(), ()):
+            if p.storage_offset() <= t.storage_offset() < p.storage_offset() + p.numel():
+                return p
+        return t
 
 
 def int8_linears(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -352,7 +368,7 @@ def int8_linears(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | No
     Raises ValueError naming any matrix parameter that no module declares either as an int8 linear or as
     exempt, so a new block cannot silently stay fp32 under ``precision="int8"``.
     """
-    pairs, covered = [], set()
+    pairs, covered, owner = [], set(), Owners(model)
     for module in model.modules():
         for name in getattr(module, "int8_exempt", ()):
             holder, _, leaf = name.rpartition(".")
@@ -361,7 +377,7 @@ def int8_linears(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | No
         if hasattr(module, "int8_linears"):
             for weight, bias in module.int8_linears():
                 pairs.append((weight, bias))
-                covered.add(id(_owner(weight)))
+                covered.add(id(owner(weight)))
     missing = [name for key, name in _matrix_names(model).items() if key not in covered]
     if missing:
         raise ValueError(
@@ -373,10 +389,10 @@ def int8_linears(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | No
 
 def int8_layer_names(model: nn.Module) -> list[str]:
     """The parameter names of the matrices of ``model`` that run as int8 linear layers, in model order."""
-    names = _matrix_names(model)
+    names, owner = _matrix_names(model), Owners(model)
     seen: dict[str, None] = {}
     for weight, _ in int8_linears(model):
-        seen.setdefault(names[id(_owner(weight))])
+        seen.setdefault(names[id(owner(weight))])
     return list(seen)
 
 
@@ -463,12 +479,12 @@ def quantize_model(model: nn.Module, plan: Int8Plan | None = None,
     preloaded = preloaded or {}
     pairs = int8_linears(model)
     per_layer, norms = transforms(model, plan)
-    names = _matrix_names(model)
+    names, owners = _matrix_names(model), Owners(model)
     model.requires_grad_(False)
     weights = Int8Weights()
     weights.plan = plan
     for weight, bias in pairs:
-        owner = _owner(weight)
+        owner = owners(weight)
         name = names[id(owner)]
         rows = _row_range(weight, owner)
         t = _rows(per_layer[name], rows)

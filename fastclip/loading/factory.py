@@ -1,6 +1,7 @@
 """Creating and loading models: ``fastclip.load`` / ``fastclip.create_model`` / ``fastclip.get_tokenizer``."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import replace
@@ -107,6 +108,19 @@ def _build(cfg: ModelConfig, sd: dict, source: str, device, precision: str, back
     return _finish(model, precision, backend)
 
 
+def _outside_inference_mode(fn):
+    """Build models from normal tensors even when called under ``torch.inference_mode()``: an inference
+    tensor has no version counter, so the packed and int8 copies derived from its weights could not be
+    cached (fastclip/backends/weight_packs.py) and views of it would not find their parameter."""
+    @functools.wraps(fn)
+    def build(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return build
+
+
+@_outside_inference_mode
 def create_model(name: str, device="cpu", precision: str = "fp32", backend: str | None = None,
                  seed: int | None = 0) -> CLIP:
     """A model of a registered architecture with random weights (OpenCLIP's init scheme).
@@ -221,6 +235,7 @@ def _load_path(path: Path, device, precision, backend, trust, name: str | None =
     return _from_state_dict(cfg, sd, str(path), device, precision, backend)
 
 
+@_outside_inference_mode
 def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None = None, device="cpu",
          precision: str = "fp32", backend: str | None = None, trust: bool = False) -> CLIP:
     """Load a model with its weights, tokenizer and preprocessing.
