@@ -6,8 +6,8 @@ Per-op groups use ViT-B-32 (batch 32: 50 tokens -> 1600 rows) and ViT-B-16 (batc
 1576 rows) shapes, width 768, MLP 3072, 12 heads of 64, and the text tower's causal 77 tokens.
 Compare rows of one group only: ``extra_info.vs_ref`` is the reference op's mean time over this row's
 (> 1: faster than the reference), attention and linear rows also carry GFLOP/s. One linear group runs
-every layer of a 12-layer ViT-B stack at 1, 50, 100, 197 and 400 rows, weights streamed from memory as in
-the model (F.linear, MKL's packed GEMM, the packed-panel kernel's AVX-512 and AVX2 paths); run it under
+every layer of a 12-layer ViT-B stack at 1, 50, 100, 197, 400 and 1600 rows, weights streamed from memory as
+in the model (F.linear, MKL's packed GEMM, oneDNN's, the packed-panel kernel's AVX-512 and AVX2 paths); run it under
 .ci/emulate-avx2 to hold MKL to AVX2 as well, as on an AVX-512-less CPU (the AVX-512 kernel row then
 skips). The last group is the whole ViT-B-32 image tower at batch 32 (``extra_info.items_per_s`` =
 images/s) with backend cpp, backend ref and open_clip on the same weights. Set FASTCLIP_MKL_PACK=0 to run the cpp rows without packed
@@ -167,20 +167,23 @@ def vit_b_layer_weights():
     return layers
 
 
-@pytest.mark.parametrize("impl", ["ref", "mkl-packed", "kernel", "kernel-avx2"])
-@pytest.mark.parametrize("rows", [1, 50, 100, 197, 400])
+@pytest.mark.parametrize("impl", ["ref", "mkl-packed", "onednn-packed", "kernel", "kernel-avx2"])
+@pytest.mark.parametrize("rows", [1, 50, 100, 197, 400, 1600])
 def test_linear_streamed_weights(benchmark, vit_b_layer_weights, linear_path, monkeypatch, rows, impl):
     """Every linear layer of a 12-layer ViT-B stack at ``rows`` rows (50: ViT-B-32 at batch 1, 197: ViT-B-16
-    at batch 1), one after another, so each weight comes from memory as it does in the model: F.linear, MKL's
-    packed GEMM and the packed-panel kernel on its AVX-512 path (kernel) and its AVX2 path (kernel-avx2),
-    cpu_linear's paths called directly, the kernel at any number of rows (its row limits set aside). Under
-    .ci/emulate-avx2 MKL is held to AVX2 too, as on an AVX2-only CPU."""
+    at batch 1, 1600: ViT-B-32 at batch 32), one after another, so each weight comes from memory as it does in
+    the model: F.linear, MKL's packed GEMM, oneDNN's (fastclip/backends/cpu/onednn.py) and the packed-panel
+    kernel on its AVX-512 path (kernel) and its AVX2 path (kernel-avx2), cpu_linear's paths called directly,
+    the kernel at any number of rows (its row limits set aside). Under .ci/emulate-avx2 MKL and oneDNN are
+    held to AVX2 too, as on an AVX2-only CPU."""
     for panel in cpu_linear.KERNEL_MAX_ROWS:
         monkeypatch.setitem(cpu_linear.KERNEL_MAX_ROWS, panel, rows)
     xs = {K: torch.randn(rows, K, generator=_gen(K)) for K in (768, 3072)}
     layers = [(xs[w.shape[1]], w, b) for w, b in vit_b_layer_weights]
     kernel = lambda x, w, b: cpu_linear._kernel(x, w, b, 0)  # noqa: E731
-    op = {"ref": ref.linear, "mkl-packed": cpu_linear._mkl, "kernel": kernel, "kernel-avx2": kernel}[impl]
+    onednn = lambda x, w, b: cpu_linear.onednn.gemm(x, w, b)  # noqa: E731
+    op = {"ref": ref.linear, "mkl-packed": cpu_linear._mkl, "onednn-packed": onednn, "kernel": kernel,
+          "kernel-avx2": kernel}[impl]
 
     def stack():
         for x, w, b in layers:
@@ -188,7 +191,7 @@ def test_linear_streamed_weights(benchmark, vit_b_layer_weights, linear_path, mo
 
     stack(), stack()  # pack (MKL packs on the second call with the same rows; the kernel repacks for its path)
     _run(benchmark, f"linear: 12 ViT-B layers streamed from memory, {rows} rows", impl, stack,
-         rounds=10 if rows <= 100 else 5)
+         rounds=10 if rows <= 100 else 5 if rows <= 400 else 3)
     if _mean(benchmark):
         flops = sum(2 * rows * w.shape[0] * w.shape[1] for _, w, _ in layers)
         benchmark.extra_info["gflop_per_s"] = round(flops / _mean(benchmark) / 1e9, 1)

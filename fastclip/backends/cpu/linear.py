@@ -23,8 +23,8 @@ The GEMM is chosen by the number of rows M of x (tokens x batch):
   ``_mkl_reorder_linear_weight``), which is faster once each weight is reused by many rows. MKL packs for
   one M, so a weight is packed when the same M is seen twice in a row (varying text lengths never repack on
   every call). On other CPUs (AMD), oneDNN's GEMM on a weight reordered once for any M
-  (fastclip/backends/cpu/onednn.py): on a 2-core Zen 4 it ran ViT-B's linears at 1.3-1.5x MKL's rate from
-  197 rows up. Either way ``linear_act`` then adds ``bias_act``.
+  (fastclip/backends/cpu/onednn.py): on a 2-core Zen 4 it ran a streamed ViT-B stack at 1.27-1.34x MKL's
+  rate from 197 to 1600 rows. Either way ``linear_act`` then adds ``bias_act``.
 
 Packs are made on first use and dropped when the weight changes in place or is freed
 (fastclip/backends/weight_packs.py); each costs about as much memory as its weight. FASTCLIP_MKL_PACK=0 turns

@@ -5,10 +5,10 @@ A weight is reordered once into oneDNN's blocked layout (``torch.ops.mkldnn._reo
 in the cache of derived weights, fastclip/backends/weight_packs.py, dropped when the weight changes or is
 freed) and multiplied by ``torch.ops.mkldnn._linear_pointwise`` (fp32 or bf16 operands, fp32 accumulation,
 the bias and GELU fused where asked). oneDNN picks its kernels by the CPU's instruction sets whoever made
-the CPU; MKL's fast paths are for Intel CPUs. On a 2-core AMD EPYC (Zen 4, AVX-512), ViT-B linear shapes,
-12 distinct weights per timed call, fp32: oneDNN 171-183 GFLOP/s at 1600 rows and 173-178 at 197 (768 ->
-3072, 3072 -> 768) against MKL's packed GEMM at 121-130 and 112-130 (bench/bench_cpu_ops.py, the large-GEMM
-group).
+the CPU; MKL's fast paths are for Intel CPUs. Every linear of a 12-layer ViT-B stack, weights streamed
+from memory (``pytest bench/bench_cpu_ops.py -k streamed``), 2-core AMD EPYC (Zen 4, AVX-512), fp32 GFLOP/s,
+oneDNN vs MKL's packed GEMM: 165 vs 124 at 197 rows, 176 vs 131 at 400, 191 vs 151 at 1600 (1.27-1.34x); at 50
+rows 135 vs 80, where the packed-panel kernel (145) runs.
 """
 from __future__ import annotations
 
