@@ -232,12 +232,19 @@ def test_large_gemm_path(path, case, large_gemm, monkeypatch):
 
 def test_large_gemm_choice(monkeypatch):
     """oneDNN on CPUs not made by Intel, MKL on Intel's (where MKL runs its own fast code); a bad name is refused."""
+    default = cpu_linear.choose_large_gemm(None)  # this CPU's (before the vendor is faked below)
     for vendor, want in (("GenuineIntel", "mkl"), ("AuthenticAMD", "onednn"), ("", "mkl")):
         monkeypatch.setattr(cpu_linear, "_cpu_vendor", lambda vendor=vendor: vendor)
         assert cpu_linear.choose_large_gemm(None) == (want if cpu_linear.onednn.AVAILABLE else "mkl")
     assert cpu_linear.choose_large_gemm(" MKL ") == "mkl"
     with pytest.raises(ValueError, match="FASTCLIP_LARGE_GEMM='blas'"):
         cpu_linear.choose_large_gemm("blas")
+    probe = "from fastclip.backends.cpu import linear as cpu_linear; print(cpu_linear.LARGE_GEMM)"
+    for setting, want in (("mkl", "mkl"), ("blas", default)):
+        env = {**os.environ, "FASTCLIP_LARGE_GEMM": setting}
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == [want]
+        assert ("FASTCLIP_LARGE_GEMM='blas'" in out.stderr) == (setting == "blas")  # a bad value warns
 
 
 def test_packs_follow_the_weight():

@@ -34,6 +34,7 @@ autograd, empty inputs -- runs the reference ops, as everywhere in the cpu backe
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,16 @@ def choose_large_gemm(setting: str | None = None) -> str:
     return name
 
 
-LARGE_GEMM = choose_large_gemm(os.environ.get("FASTCLIP_LARGE_GEMM"))
+def _large_gemm_from_env() -> str:
+    """FASTCLIP_LARGE_GEMM's choice; a bad value warns (naming it) and the default choice runs."""
+    try:
+        return choose_large_gemm(os.environ.get("FASTCLIP_LARGE_GEMM"))
+    except ValueError as exc:
+        warnings.warn(f"{exc}; using {choose_large_gemm(None)}", RuntimeWarning, stacklevel=2)
+        return choose_large_gemm(None)
+
+
+LARGE_GEMM = _large_gemm_from_env()
 
 
 # ---------------------------------------------------------------------------------------- the kernel
