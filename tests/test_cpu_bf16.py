@@ -15,7 +15,7 @@ import torch
 import fastclip
 from fastclip import ref, tolerance
 from fastclip.backends import bf16
-from fastclip.backends.cpu import linear_bf16
+from fastclip.backends.cpu import onednn
 from fastclip.backends.dispatch import get_ops
 from fastclip.loading import keymaps
 from fastclip.loading.factory import _build
@@ -66,7 +66,7 @@ def test_linear_bf16_layouts_and_weight_changes():
         assert out.shape == (2, 12, 80)
         _check_linear(out.view(24, 80), x, w, b, "none", "3-d input")
         _check_linear(ops.linear(strided, w, b), strided, w, b, "none", "strided input")
-        assert linear_bf16._PACKS.get(w, create=False) is not None, "the bf16 weight was not packed"
+        assert onednn.PACKS.get(w, create=False) is not None, "the bf16 weight was not packed"
         w.mul_(-2.0)
         _check_linear(ops.linear(x, w, b), x, w, b, "none", "after an in-place change of the weight")
 

@@ -16,8 +16,6 @@ from ... import ref
 from . import onednn
 
 AVAILABLE = onednn.AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-_FUSED = onednn.FUSED
-_PACKS = onednn.PACKS  # bf16 weights' packs (the cache keys by dtype too)
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -31,18 +29,15 @@ def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
 
 
-_gemm = onednn.gemm
-
-
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight.T + bias.  x: (..., K), weight: (N, K), bias: (N,), all bf16 -> (..., N) bf16."""
-    y = _gemm(x, weight, bias, "none")
+    y = onednn.gemm(x, weight, bias, "none")
     return ref.linear(x, weight, bias) if y is None else y
 
 
 def linear_act_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
     """act(x @ weight.T + bias), GELU fused; other activations after the GEMM. Shapes as ``linear_bf16``."""
-    y = _gemm(x, weight, bias, act) if act in _FUSED else None
+    y = onednn.gemm(x, weight, bias, act) if act in onednn.FUSED else None
     if y is not None:
         return y
     return ref.bias_act(linear_bf16(x, weight, None), bias, act)
