@@ -24,8 +24,9 @@ open_clip, ONNX Runtime and OpenVINO on open_clip's 77-token input, transformers
 and its attention mask.
 
 Each row's ``extra_info``: items_per_s (images/s or texts/s), latency_ms (mean time of one call),
-gflops_per_s (bench/flops.py) and fraction_of_sgemm (this machine's sgemm rate, bench/sgemm.py, measured
-in the same session), precision (fp32, bf16 or int8); int8 and bf16 rows add their per-item cosine to
+gflops_per_s (bench/flops.py), fraction_of_sgemm (this machine's sgemm rate, bench/sgemm.py, measured
+in the same session), fraction_of_peak (of the arithmetic peak of the row's precision, csrc/peak.cpp: the
+FMA peak for fp32 rows, the int8 dot-product peak for int8 rows, whose attention still runs in fp32), precision (fp32, bf16 or int8); int8 and bf16 rows add their per-item cosine to
 open_clip fp32. Every implementation's output is checked against open_clip eager before it is timed
 (fp32: ``assert_close`` at 1e-4; bf16 rows and OpenVINO int8: per-item cosine >= 0.99). bench/report.py
 reads off the best peer of each precision.
@@ -84,24 +85,27 @@ def _build_or_skip(build, impl: str):
         raise
 
 
-def _record(benchmark, peers, impl: str, tower: str, items: int, flops_per_item: float, sgemm: float, **facts):
-    rate(benchmark, items, flops_per_item, sgemm)
+def _record(benchmark, peers, impl: str, tower: str, items: int, flops_per_item: float, sgemm: float,
+            peaks: dict[str, float], **facts):
+    rate(benchmark, items, flops_per_item, sgemm, peaks.get(precision(impl)))
     benchmark.extra_info.update(impl=impl, arch=peers.arch, workload=tower, precision=precision(impl), **facts)
     for key in (f"{impl} {tower}", f"ort-int8 {tower}" if impl == "ort-int8" else None):
         benchmark.extra_info.update(peers.info.get(key, {}))
 
 
-def test_sgemm(benchmark, sgemm_gflops):
-    """This machine's sgemm rate (the yardstick of every fraction_of_sgemm), as a row of its own."""
+def test_sgemm(benchmark, sgemm_gflops, peak_rates):
+    """This machine's sgemm rate (the yardstick of every fraction_of_sgemm) and arithmetic peaks (of every
+    fraction_of_peak: fp32 rows against the FMA peak, int8 rows against the int8 dot-product peak), as a row."""
     benchmark.group = "sgemm"
     m, k, n = SHAPES["2048^3"]
     a, b = torch.randn(m, k), torch.randn(k, n)
     benchmark.pedantic(torch.mm, args=(a, b), rounds=5, warmup_rounds=1)
-    benchmark.extra_info.update(impl="torch.mm", sgemm_gflops=sgemm_gflops)
+    benchmark.extra_info.update(impl="torch.mm", sgemm_gflops=sgemm_gflops,
+                                **{f"peak_{name}": value for name, value in peak_rates.items()})
 
 
 @pytest.mark.parametrize("impl", [pytest.param(impl, marks=_missing(impl)) for impl in TEXT_IMPLS])
-def test_captions(benchmark, peer_set, sgemm_gflops, impl):
+def test_captions(benchmark, peer_set, sgemm_gflops, peak_rates, impl):
     peers = peer_set("ViT-B-32")
     benchmark.group = f"ViT-B-32 text, {len(CAPTIONS)} captions"
     if "captions" not in _FLOPS:
@@ -109,11 +113,12 @@ def test_captions(benchmark, peer_set, sgemm_gflops, impl):
     fn = _build_or_skip(lambda: peers.text_encoder(impl, CAPTIONS), impl)
     with torch.inference_mode():
         benchmark.pedantic(fn, args=(CAPTIONS,), rounds=3, warmup_rounds=1)
-    _record(benchmark, peers, impl, "text", len(CAPTIONS), _FLOPS["captions"], sgemm_gflops, batch=len(CAPTIONS))
+    _record(benchmark, peers, impl, "text", len(CAPTIONS), _FLOPS["captions"], sgemm_gflops, peak_rates,
+            batch=len(CAPTIONS))
 
 
 @pytest.mark.parametrize("arch, batch, impl", list(_image_cases()))
-def test_images(benchmark, peer_set, sgemm_gflops, arch, batch, impl):
+def test_images(benchmark, peer_set, sgemm_gflops, peak_rates, arch, batch, impl):
     peers = peer_set(arch)
     benchmark.group = f"{arch} images, batch {batch}"
     size = peers.cfg.vision.image_size
@@ -126,4 +131,4 @@ def test_images(benchmark, peer_set, sgemm_gflops, arch, batch, impl):
     fn = _build_or_skip(lambda: peers.image_encoder(impl, pixels), impl)
     with torch.inference_mode():
         benchmark.pedantic(fn, args=(pixels,), rounds=IMAGE_ROUNDS[arch][batch], warmup_rounds=1)
-    _record(benchmark, peers, impl, "image", batch, _FLOPS[arch], sgemm_gflops, batch=batch)
+    _record(benchmark, peers, impl, "image", batch, _FLOPS[arch], sgemm_gflops, peak_rates, batch=batch)

@@ -8,10 +8,12 @@ import torch
 torch.set_num_threads(int(os.environ.get("FASTCLIP_BENCH_THREADS", os.cpu_count() or 1)))
 
 
-def rate(benchmark, items: int, flops_per_item: float | None = None, sgemm_gflops: float | None = None) -> None:
+def rate(benchmark, items: int, flops_per_item: float | None = None, sgemm_gflops: float | None = None,
+         peak: float | None = None) -> None:
     """Record items/s and the mean call time (``latency_ms``) beside pytest-benchmark's timings; with
-    ``flops_per_item`` also GFLOP/s, and with ``sgemm_gflops`` that rate as a fraction of the machine's
-    sgemm rate. Does nothing under ``--benchmark-disable`` (no timings then)."""
+    ``flops_per_item`` also GFLOP/s, with ``sgemm_gflops`` that rate as a fraction of the machine's sgemm
+    rate, and with ``peak`` (G ops/s) as a fraction of the arithmetic peak of the row's precision
+    (``peak_rates``). Does nothing under ``--benchmark-disable`` (no timings then)."""
     if not benchmark.stats:
         return
     mean = benchmark.stats.stats.mean
@@ -26,6 +28,9 @@ def rate(benchmark, items: int, flops_per_item: float | None = None, sgemm_gflop
         if sgemm_gflops:
             info["sgemm_gflops"] = sgemm_gflops
             info["fraction_of_sgemm"] = round(gflops / sgemm_gflops, 3)
+        if peak:
+            info["peak_gops"] = peak
+            info["fraction_of_peak"] = round(gflops / peak, 3)
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +39,14 @@ def sgemm_gflops() -> float:
     from sgemm import measure_sgemm
 
     return measure_sgemm()["best"]
+
+
+@pytest.fixture(scope="session")
+def peak_rates() -> dict[str, float]:
+    """This machine's arithmetic peaks, {"fp32": GFLOP/s, "int8": GOP/s}, measured once (bench/sgemm.py)."""
+    from sgemm import measure_peaks
+
+    return measure_peaks()
 
 
 class _LatestPeerSet:

@@ -70,8 +70,8 @@ def group_table(group: str, rows: dict[str, dict]) -> list[str]:
     batch1 = group.endswith("batch 1")
     head = "latency (ms)" if batch1 else unit
     ratio_head = "embed_images' rate over it" if "JPEG" in group else "fastclip's speed-up over it"
-    lines = [f"### {group}", "", f"| implementation | {head} | GFLOP/s | of sgemm | {ratio_head} |",
-             "|---|---|---|---|---|"]
+    lines = [f"### {group}", "", f"| implementation | {head} | GFLOP/s | of sgemm | of peak | {ratio_head} |",
+             "|---|---|---|---|---|---|"]
     for impl, row in rows.items():
         value = row.get("latency_ms") if batch1 else row.get("items_per_s")
         base = _speedup_base(group, impl, rows)
@@ -85,7 +85,8 @@ def group_table(group: str, rows: dict[str, dict]) -> list[str]:
             notes.append(f"{row['performance_hint']}, {row.get('inference_precision', '?')}")
         extra = f" ({', '.join(notes)})" if notes else ""
         lines.append(f"| {impl}{extra} | {_fmt(value)} | {_fmt(row.get('gflops_per_s'))} | "
-                     f"{_fmt(row.get('fraction_of_sgemm'), '.2f')} | {_fmt(ratio, '.2f', 'x')} |")
+                     f"{_fmt(row.get('fraction_of_sgemm'), '.2f')} | {_fmt(row.get('fraction_of_peak'), '.2f')} | "
+                     f"{_fmt(ratio, '.2f', 'x')} |")
     return lines + [""]
 
 

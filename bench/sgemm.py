@@ -1,6 +1,7 @@
-"""This machine's single-precision GEMM rate, the yardstick for every GFLOP/s figure in the benches.
+"""This machine's single-precision GEMM rate, the yardstick for every GFLOP/s figure in the benches, and
+its arithmetic peaks (``measure_peaks``: what no GEMM can exceed).
 
-    python bench/sgemm.py          # prints the rate of each shape and the best
+    python bench/sgemm.py          # prints the rate of each shape, the best, and the peaks
 
 The rate is the best of several timed ``torch.mm`` calls per shape, on torch's own thread pool (the
 threads the benches use), and the machine's sgemm rate is the best over the shapes: a square 2048³
@@ -39,6 +40,24 @@ def measure_sgemm() -> dict[str, float]:
     return rates
 
 
+def measure_peaks(repeats: int = 5) -> dict[str, float]:
+    """{"fp32": GFLOP/s of FMA, "int8": GOP/s of the int8 dot-product step (vpdpbusd with AVX-512 VNNI, else
+    vpmaddubsw)} on torch's threads, best of ``repeats`` (fastclip._C.peak_rate, csrc/peak.cpp); {} without
+    the C++ extension."""
+    try:
+        from fastclip import _C
+    except ImportError:
+        return {}
+    kinds = _C.peak_kinds()
+    int8 = "int8_vpdpbusd" if "int8_vpdpbusd" in kinds else "int8_vpmaddubsw"
+    chosen = {"fp32": "fp32_fma", "int8": int8}
+    return {name: round(max(_C.peak_rate(kind, 5_000_000) for _ in range(repeats)) / 1e9, 1)
+            for name, kind in chosen.items() if kind in kinds}
+
+
 if __name__ == "__main__":
+    threads = torch.get_num_threads()
     for name, value in measure_sgemm().items():
-        print(f"{name:>22}: {value:7.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+        print(f"{name:>22}: {value:7.1f} GFLOP/s ({threads} threads)")
+    for name, value in measure_peaks().items():
+        print(f"{name + ' peak':>22}: {value:7.1f} {'GFLOP/s' if name == 'fp32' else 'GOP/s'} ({threads} threads)")

@@ -25,6 +25,7 @@ void bind_bias_act(py::module_& m);
 void bind_normalize_project(py::module_& m);
 void bind_linear(py::module_& m);
 void bind_linear_int8(py::module_& m);
+void bind_peak(py::module_& m);
 
 namespace {
 
@@ -169,4 +170,5 @@ PYBIND11_MODULE(_C, m) {
   fastclip::bind_normalize_project(m);
   fastclip::bind_linear(m);
   fastclip::bind_linear_int8(m);
+  fastclip::bind_peak(m);
 }

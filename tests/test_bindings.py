@@ -72,3 +72,24 @@ def test_activation_codes_come_from_the_extension():
         tolerance.check_fp32(cpu_ops.bias_act(x, None, act), ref.bias_act(x.double(), None, act),
                              ref.bias_act(x, None, act), f"bias_act {act}")
     assert inspect.signature(cpu_ops.bias_act).parameters.keys() == inspect.signature(ref.bias_act).parameters.keys()
+
+
+def test_peak_rate_kinds_follow_the_cpu_and_switch():
+    flags = set(open("/proc/cpuinfo").read().split())
+    kinds = _C.peak_kinds()
+    assert kinds[0] == "fp32_fma" and "int8_vpmaddubsw" in kinds
+    assert ("int8_vpdpbusd" in kinds) == ({"avx512bw", "avx512_vnni"} <= flags and _C.avx512_present())
+    for kind in kinds:
+        rate = _C.peak_rate(kind, 20000)
+        assert 1e6 < rate < 1e15  # ops per second, finite and positive
+    was = _C.set_avx512(False)
+    try:
+        assert "int8_vpdpbusd" not in _C.peak_kinds()  # the VNNI loop is zmm only
+        with pytest.raises(ValueError, match="does not run on this CPU"):
+            _C.peak_rate("int8_vpdpbusd", 10)
+    finally:
+        _C.set_avx512(was)
+    with pytest.raises(ValueError, match="iters must be > 0"):
+        _C.peak_rate("fp32_fma", 0)
+    with pytest.raises(ValueError, match="does not run"):
+        _C.peak_rate("fp64", 10)

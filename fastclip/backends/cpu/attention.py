@@ -6,6 +6,7 @@ import math
 import torch
 
 from ... import _C, ref
+from . import buffers
 from .common import native, unit_last
 
 
@@ -22,7 +23,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D or (causal and Lq != Lk):
         return ref.attention(q, k, v, causal=causal)  # raises the reference's error for bad shapes
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
-    out = torch.empty((B, Lq, H, D), dtype=q.dtype).transpose(1, 2)
+    out = buffers.empty((B, Lq, H, D), q.dtype).transpose(1, 2)
     _C.attention(q=q.data_ptr(), q_strides=q.stride()[:3], k=k.data_ptr(), k_strides=k.stride()[:3], v=v.data_ptr(),
                  v_strides=v.stride()[:3], out=out.data_ptr(), out_strides=out.stride()[:3], B=B, H=H, Lq=Lq, Lk=Lk,
                  D=D, causal=bool(causal), scale=1.0 / math.sqrt(D))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ... import _C, ref
+from . import buffers
 from .common import ACT_CODES, native, ptr, rows, vector
 
 
@@ -17,6 +18,6 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool 
     if code == 0 and b is None:
         return x
     x2 = rows(x)
-    y = torch.empty(x.shape, dtype=x.dtype)
+    y = buffers.empty(x.shape, x.dtype)
     _C.bias_act(x=x2.data_ptr(), sx=x2.stride(0), bias=ptr(b), y=y.data_ptr(), sy=N, rows=x2.shape[0], N=N, act=code)
     return y

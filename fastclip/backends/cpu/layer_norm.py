@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ... import _C, ref
+from . import buffers
 from .common import native, rows, vector
 
 
@@ -18,13 +19,13 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
             or (residual is not None and residual.shape != x.shape)):
         return ref.layer_norm(x, weight, bias, eps, residual=residual, upcast=upcast)
     x2 = rows(x)
-    y = torch.empty(x.shape, dtype=x.dtype)
+    y = buffers.empty(x.shape, x.dtype)
     if residual is None:
         _C.layer_norm(x=x2.data_ptr(), sx=x2.stride(0), residual=0, sr=0, weight=w.data_ptr(), bias=b.data_ptr(),
                       y=y.data_ptr(), sy=D, s_out=0, ss=0, rows=x2.shape[0], D=D, eps=float(eps))
         return y
     r2 = rows(residual)
-    s = torch.empty(x.shape, dtype=x.dtype)
+    s = buffers.empty(x.shape, x.dtype)
     _C.layer_norm(x=x2.data_ptr(), sx=x2.stride(0), residual=r2.data_ptr(), sr=r2.stride(0), weight=w.data_ptr(),
                   bias=b.data_ptr(), y=y.data_ptr(), sy=D, s_out=s.data_ptr(), ss=D, rows=x2.shape[0], D=D,
                   eps=float(eps))

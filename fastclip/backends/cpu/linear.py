@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ... import _C, ref
 from ..weight_packs import DerivedWeights
-from . import onednn
+from . import buffers, onednn
 from .bias_act import bias_act
 from .common import ACT_CODES, native, ptr, unit_last
 
@@ -144,7 +144,7 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ac
     x2 = unit_last(x2)
     sx = x2.stride(0) if M > 1 else K  # a single row's stride is arbitrary; 0 (a broadcast row) is fine
     b = None if bias is None else bias.contiguous()
-    y = torch.empty((M, N), dtype=torch.float32)
+    y = buffers.empty((M, N))
     _C.linear(x=x2.data_ptr(), sx=sx, packed=packed.data_ptr(), panel=panel, bias=ptr(b), y=y.data_ptr(), sy=N,
               M=M, N=N, K=K, act=act)
     return y.view(*x.shape[:-1], N)

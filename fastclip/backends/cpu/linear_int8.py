@@ -21,10 +21,9 @@ Paths (``path()``, picked at each call from the CPU and two switches):
 streams from memory once per call, and int8 weights are a quarter of fp32's bytes. No autograd: x is read
 as data.
 
-Not yet the GEMM of ``precision="int8"`` (fastclip/backends/int8.py still calls fbgemm's
-``linear_dynamic``): single-threaded, the avx512_vnni path measured 1.15-1.7x fbgemm at M = 1-197 on ViT-B
-shapes (bench/bench_linear_int8.py), but two-thread ratios and the AVX2 paths against a non-VNNI fbgemm
-still have to be measured on a quiet machine before it replaces it.
+The GEMM of ``precision="int8"`` where the CPU has AVX-512 VNNI (fastclip/backends/int8.py chooses; fbgemm's
+``linear_dynamic`` elsewhere until the AVX2 paths are measured against it on an AVX2-only CPU). Outputs come
+from the reused buffers of fastclip/backends/cpu/buffers.py.
 """
 from __future__ import annotations
 
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ... import _C
+from . import buffers
 from .common import ACT_CODES
 
 PANEL = 16  # output columns per panel
@@ -185,7 +185,7 @@ def linear_int8(x: torch.Tensor, pack: Int8Pack, act: str = "none", x_scale: tor
     if x2.stride(1) != 1 and pack.K > 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    y = torch.empty((M, pack.N))
+    y = buffers.empty((M, pack.N))
     if M > 0:
         sx = x2.stride(0) if M > 1 else pack.K  # a single row's stride is arbitrary; 0 (a broadcast row) is fine
         packed, w_scale, colsum, bias = pack.ptrs
