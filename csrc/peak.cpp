@@ -1,6 +1,6 @@
 // peak_rate: this CPU's arithmetic peak on torch's threads, the ceiling every GEMM figure is a fraction of.
 //
-// Each thread runs 12 independent accumulator chains of one instruction (more than latency x throughput on
+// Each of torch's threads (started together) runs 12 independent accumulator chains of one instruction (more than latency x throughput on
 // current x86 cores, so the loop is throughput-bound) for `iters` rounds; rate = ops / wall time:
 //   fp32_fma       vfmadd (zmm where the AVX-512 path runs, else ymm): 2 FLOPs per lane
 //   int8_vpdpbusd  zmm vpdpbusd (AVX-512 VNNI only): 4 u8 x s8 products + adds per int32 lane = 8 ops
@@ -148,10 +148,16 @@ double peak_rate(const std::string& kind, int64_t iters) {
   const bool zmm = zmm_runs();
   const int threads = max_threads();
   std::atomic<double> total_ops{0};
+  std::atomic<int> arrived{0};
   py::gil_scoped_release release;
   const auto start = std::chrono::steady_clock::now();
   parallel_for(threads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
+      // start together: wait (at most 50 ms) until every item has a thread, so the loops overlap in time
+      arrived.fetch_add(1);
+      while (arrived.load() < threads &&
+             std::chrono::steady_clock::now() - start < std::chrono::milliseconds(50)) {
+      }
       double ops = 0;
       volatile float sink = kind == "fp32_fma" ? fma_loop(iters, zmm, &ops)
                             : kind == "int8_vpdpbusd" ? vnni_loop(iters, &ops)

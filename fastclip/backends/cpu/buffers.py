@@ -5,8 +5,9 @@ PyTorch's CPU allocator is glibc ``malloc``, which gives every request over its 
 MLP hidden layer is 6304 x 3072 fp32, 77 MB -- then page-faults and is zeroed by the kernel on every call.
 ``empty`` hands out a view of a buffer kept here instead, for requests of at least ``MIN_BYTES``, taking a
 buffer only while no tensor (view, NumPy array, autograd record) still holds its memory: the storage's
-reference count says so, read under a lock, so threads never share one. Measured on ViT-B-16 int8 batch 32
-(AMD EPYC Zen 4, 2 threads): the encoder ran 1.3x faster (bench/bench_e2e.py).
+reference count says so, read under a lock, so threads never share one. ViT-B-16 at batch 32 (AMD EPYC Zen 4,
+2 threads) ran 1.15x faster in int8 and 1.13x in fp32 than with plain allocation, calls interleaved
+(bench/bench_buffers.py).
 
 The pool keeps at most ``FASTCLIP_BUFFER_POOL_MB`` megabytes (default 1024) of buffers that are free
 (buffers in use do not count); beyond that the least recently used free ones are dropped, and
