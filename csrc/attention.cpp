@@ -2,7 +2,8 @@
 //
 //   q: (B, H, Lq, D), k/v: (B, H, Lk, D), out: (B, H, Lq, D); any element strides for B, H, L, unit
 //   stride for D (so q/k/v may be views of one packed (B, L, 3, H, D) qkv tensor). Causal: query i
-//   sees keys 0..i (Lq == Lk). Any D and lengths.
+//   sees keys 0..i (Lq == Lk). key_lengths: (B,) int32 or null: batch b sees keys 0..key_lengths[b]-1
+//   only (a key-padding mask that is a prefix); a query that sees no key gets zeros. Any D and lengths.
 //
 // Work item = (batch, head, block of <= BQ queries), handed out to torch's OpenMP threads. A thread packs
 // K^T (16-key panels, zero-padded) and V (D padded to 8) of its (batch, head) once into its scratch,
@@ -103,7 +104,8 @@ void scale_row(float* o, int64_t n, float a) {
 }
 
 void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const float* v, Strides sv, float* out,
-                   Strides so, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool causal, float scale) {
+                   Strides so, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool causal, float scale,
+                   const int32_t* key_lengths) {
   const int64_t nqb = ceil_div(Lq, kMaxBQ), bq = ceil_div(Lq, nqb);
   const int64_t nkb = ceil_div(Lk, kMaxBK), bk = round_up(ceil_div(Lk, nkb), 16);
   const int64_t Lkp = round_up(Lk, 16), Dp = round_up(D, 8);
@@ -127,8 +129,14 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
         packed = bh;
       }
       const int64_t i0 = qb * bq, nq = std::min(bq, Lq - i0);
-      const int64_t kend = causal ? std::min(Lk, i0 + nq) : Lk;
+      const int64_t lk = key_lengths ? std::min<int64_t>(Lk, std::max(0, key_lengths[b])) : Lk;  // visible keys
+      const int64_t kend = causal ? std::min(lk, i0 + nq) : lk;
       const float* qrows = q + b * sq.b + h * sq.h + i0 * sq.l;
+      float* orows = out + b * so.b + h * so.h + i0 * so.l;
+      if (kend == 0) {  // no visible key (an all-padding row): zeros, as the reference gives
+        for (int64_t r = 0; r < nq; ++r) std::memset(orows + r * so.l, 0, D * sizeof(float));
+        continue;
+      }
       std::fill(M, M + nq, -INFINITY);
       std::fill(Lsum, Lsum + nq, 0.0f);
       for (int64_t j0 = 0; j0 < kend; j0 += bk) {
@@ -136,14 +144,17 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
         mm(nq, round_up(nk, 8), D, qrows, sq.l, Kp + (j0 / 16) * D * 16, 16 * D, 16, S, bk, false);
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t valid = causal ? std::max<int64_t>(0, std::min(nk, i0 + r + 1 - j0)) : nk;
+          if (valid == 0) {  // a causal row past this batch's keys sees nothing in this block
+            std::fill(S + r * bk, S + r * bk + nk, 0.0f);
+            continue;
+          }
           const float alpha = softmax_row(S + r * bk, valid, nk, scale, M[r], Lsum[r]);
           if (alpha != 1.0f) scale_row(O + r * Dp, Dp, alpha);
         }
         mm(nq, Dp, nk, S, bk, Vp + j0 * Dp, 16, Dp, O, Dp, /*accumulate=*/j0 > 0);
       }
-      float* orows = out + b * so.b + h * so.h + i0 * so.l;
       for (int64_t r = 0; r < nq; ++r) {
-        const float inv = 1.0f / Lsum[r];
+        const float inv = Lsum[r] > 0.0f ? 1.0f / Lsum[r] : 0.0f;  // 0: a causal row that saw no key
         const float* src = O + r * Dp;
         float* dst = orows + r * so.l;
         int64_t d = 0;
@@ -165,19 +176,21 @@ void bind_attention(py::module_& m) {
   m.def(
       "attention",
       [](uintptr_t q, py::tuple sq, uintptr_t k, py::tuple sk, uintptr_t v, py::tuple sv, uintptr_t out,
-         py::tuple so, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool causal, float scale) {
+         py::tuple so, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool causal, float scale,
+         uintptr_t key_lengths) {
         auto st = [](py::tuple t) { return Strides{t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>()}; };
         const Strides a = st(sq), b = st(sk), c = st(sv), d = st(so);
         py::gil_scoped_release release;
         attention_f32(reinterpret_cast<const float*>(q), a, reinterpret_cast<const float*>(k), b,
                       reinterpret_cast<const float*>(v), c, reinterpret_cast<float*>(out), d, B, H, Lq, Lk, D, causal,
-                      scale);
+                      scale, reinterpret_cast<const int32_t*>(key_lengths));
       },
       py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
       py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"), py::arg("v_strides"),
       py::arg("out"), py::arg("out_strides"), py::arg("B"), py::arg("H"), py::arg("Lq"), py::arg("Lk"), py::arg("D"),
-      py::arg("causal"), py::arg("scale"),
-      "softmax(q k^T * scale [+ causal mask]) v on fp32 pointers; strides (b, h, l) in elements, unit stride on D.");
+      py::arg("causal"), py::arg("scale"), py::arg("key_lengths") = 0,
+      "softmax(q k^T * scale [+ causal mask]) v on fp32 pointers; strides (b, h, l) in elements, unit stride on D; "
+      "key_lengths: (B,) int32 visible keys per batch row (a prefix key-padding mask), or 0 for none.");
 }
 
 }  // namespace fastclip

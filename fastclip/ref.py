@@ -105,11 +105,13 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps).to(dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, upcast: bool = False):
-    """softmax(q k^T / sqrt(Dh) [+ causal mask]) v.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, upcast: bool = False,
+              key_mask: torch.Tensor | None = None):
+    """softmax(q k^T / sqrt(Dh) [+ causal mask] [+ key mask]) v.
 
     q: (B, H, Lq, Dh), k/v: (B, H, Lk, Dh) -> (B, H, Lq, Dh). With ``causal``, query i sees keys
-    0..i (Lq == Lk required).
+    0..i (Lq == Lk required). ``key_mask``: (B, Lk) bool, True = a real key; the others are seen by no
+    query (padding). A query that sees no key at all gets zeros (as the flash kernels give).
     """
     dtype = q.dtype
     q, k, v = _maybe_upcast(upcast, q, k, v)
@@ -119,8 +121,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
             raise ValueError(f"causal attention needs Lq == Lk, got {q.shape[-2]} and {k.shape[-2]}")
         future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu_(1)
         scores = scores.masked_fill(future, float("-inf"))
+    if key_mask is not None:
+        B, Lk = q.shape[0], k.shape[-2]
+        if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (B, Lk):
+            raise ValueError(f"attention: key_mask must be a bool tensor of shape (B, Lk) = {(B, Lk)}, "
+                             f"got {key_mask.dtype} {tuple(key_mask.shape)}")
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))  # (B, 1, 1, Lk) broadcast
     # softmax in at least fp32: low-precision scores are upcast, float64 ones stay float64
     probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v.dtype)
+    if key_mask is not None:  # rows with every score -inf (no visible key) are NaN: make them zeros
+        probs = probs.masked_fill((scores == float("-inf")).all(-1, keepdim=True), 0.0)
     return torch.matmul(probs, v).to(dtype)
 
 
@@ -158,3 +168,69 @@ def normalize_project(
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """Row-wise L2 normalisation.  x: (B, E) -> (B, E)."""
     return F.normalize(x, dim=-1)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0, upcast: bool = False) -> torch.Tensor:
+    """Rotary position embedding on the tokens ``start:`` of q or k, in the interleaved pair layout.
+
+    x: (B, H, L, Dh); cos / sin: (L - start, Dh/2), the angle of each (token, pair) -> (B, H, L, Dh) in x's
+    dtype. Pair i of a token is the channels (2i, 2i+1), rotated by its angle a:
+    ``(x[2i] cos a - x[2i+1] sin a, x[2i+1] cos a + x[2i] sin a)``; tokens before ``start`` (class token)
+    pass unchanged. Products are made in the promoted dtype of x and cos/sin (timm's apply_rot_embed).
+    """
+    L, Dh = x.shape[-2:]
+    if Dh % 2 or tuple(cos.shape) != (L - start, Dh // 2) or cos.shape != sin.shape:
+        raise ValueError(f"rotary: x {tuple(x.shape)} with start {start} needs cos and sin of shape "
+                         f"({L - start}, {Dh // 2}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    dtype = x.dtype
+    rest = x[..., start:, :].unflatten(-1, (Dh // 2, 2))  # (B, H, L - start, Dh/2, 2)
+    if upcast:
+        rest, cos, sin = rest.float(), cos.float(), sin.float()
+    x0, x1 = rest.unbind(-1)  # (B, H, L - start, Dh/2) each
+    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).to(dtype)
+    return torch.cat([x[..., :start, :], rotated], dim=-2)
+
+
+def _antialias_bilinear_weights(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in) float32 weights of a 1-D ``F.interpolate(mode="bilinear", align_corners=False,
+    antialias=True)`` resize: a triangle filter widened by the downscale factor, each row summing to 1."""
+    scale = size_in / size_out
+    support = max(scale, 1.0)
+    center = (torch.arange(size_out, dtype=torch.float32) + 0.5) * scale  # (size_out,) in source pixel units
+    source = torch.arange(size_in, dtype=torch.float32) + 0.5  # (size_in,) source pixel centres
+    weights = (1 - (source[None, :] - center[:, None]).abs() / support).clamp(min=0)  # (size_out, size_in)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def resample_positions(grid: torch.Tensor, spatial_shapes: torch.Tensor, max_length: int,
+                       upcast: bool = False) -> torch.Tensor:
+    """A learned position grid resized to each image's patch grid (SigLIP 2 NaFlex), padded.
+
+    grid: (Gh, Gw, W); spatial_shapes: (B, 2) int, the (h, w) patches of each image, h * w <= max_length
+    -> (B, max_length, W) in grid's dtype: row b holds the grid resized to (h, w) by antialiased bilinear
+    interpolation (``F.interpolate(..., mode="bilinear", align_corners=False, antialias=True)``) in
+    float32, flattened row-major, then its first row repeated over the padding (as transformers'
+    ``Siglip2VisionEmbeddings.resize_positional_embeddings``). ``upcast`` is accepted for the op signature
+    (the resize always runs in float32).
+    """
+    if grid.ndim != 3 or spatial_shapes.ndim != 2 or spatial_shapes.shape[-1] != 2:
+        raise ValueError(f"resample_positions: grid must be (Gh, Gw, W) and spatial_shapes (B, 2), got "
+                         f"{tuple(grid.shape)} and {tuple(spatial_shapes.shape)}")
+    shapes = [tuple(s) for s in spatial_shapes.tolist()]
+    bad = [s for s in shapes if min(s) < 1 or s[0] * s[1] > max_length]
+    if bad:
+        raise ValueError(f"resample_positions: every (h, w) must be positive with h * w <= max_length "
+                         f"{max_length}, got {bad}")
+    Gh, Gw, W = grid.shape
+    flat = grid.float()
+    out = torch.empty(len(shapes), max_length, W, dtype=torch.float32, device=grid.device)
+    resized: dict[tuple[int, int], torch.Tensor] = {}
+    for b, (h, w) in enumerate(shapes):
+        if (h, w) not in resized:
+            wy = _antialias_bilinear_weights(Gh, h).to(grid.device)  # (h, Gh)
+            wx = _antialias_bilinear_weights(Gw, w).to(grid.device)  # (w, Gw)
+            resized[h, w] = torch.einsum("hi,ijc,wj->hwc", wy, flat, wx).reshape(h * w, W)  # (h*w, W)
+        r = resized[h, w]
+        out[b, : h * w] = r
+        out[b, h * w:] = r[0]
+    return out.to(grid.dtype)

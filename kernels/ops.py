@@ -21,12 +21,21 @@ from .normalize_project import normalize_project
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, upcast: bool = False,
-              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+              key_padding_mask: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Fused flash attention (kernels/attention.py) with the reference signature.
 
     q: (B, H, Lq, Dh), k/v: (B, H, Lk, Dh) -> (B, H, Lq, Dh). ``upcast`` runs the kernel on fp32 copies.
+    ``key_mask`` (B, Lk) bool, True = a real key (the reference's mask) is the kernel's key-padding mask
+    inverted; ``key_padding_mask`` (True = ignored) is the kernel's own.
     """
     from .attention import attention_op  # imported on first use: the attention module is the largest
+
+    if key_mask is not None:
+        if key_padding_mask is not None:
+            raise ValueError("attention: pass key_mask or key_padding_mask, not both")
+        if key_mask.dtype != torch.bool:
+            raise ValueError(f"attention: key_mask must be a bool tensor, got {key_mask.dtype}")
+        key_padding_mask = ~key_mask  # (B, Lk) True = padded
 
     if upcast and q.dtype != torch.float32:
         return attention_op(q.float(), k.float(), v.float(), causal, key_padding_mask).to(q.dtype)

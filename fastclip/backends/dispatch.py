@@ -41,6 +41,8 @@ class OpTable:
     attention: Callable
     normalize_project: Callable
     l2_normalize: Callable
+    rotary: Callable
+    resample_positions: Callable
 
 
 OP_NAMES: tuple[str, ...] = tuple(f.name for f in fields(OpTable) if f.name != "backend")

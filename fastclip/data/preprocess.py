@@ -54,6 +54,18 @@ _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resamp
 _NUMERICS = ("open_clip", "hf", "hf_pil")
 _PIL_RESAMPLE_NAMES = {3: "bicubic", 2: "bilinear"}
 
+
+def hf_resample(d: dict, what: str, default: int) -> str:
+    """The interpolation name of a Hugging Face image processor config ``d`` (its ``resample``, PIL's code);
+    ValueError naming ``what`` if it turns resizing, rescaling or normalisation off or resamples otherwise."""
+    for flag in ("do_resize", "do_rescale", "do_normalize"):
+        if d.get(flag, True) is False:
+            raise ValueError(f"{what} with {flag}=false is not supported")
+    resample = d.get("resample", default)
+    if resample not in _PIL_RESAMPLE_NAMES:
+        raise ValueError(f"unsupported resample {resample!r} (2=bilinear and 3=bicubic are supported)")
+    return _PIL_RESAMPLE_NAMES[resample]
+
 __all__ = ["PreprocessConfig", "Preprocess", "OPENAI_MEAN", "OPENAI_STD", "INCEPTION_MEAN", "INCEPTION_STD"]
 
 
@@ -125,12 +137,7 @@ class PreprocessConfig:
         if backend not in ("torchvision", "pil"):
             raise ValueError(f"backend must be 'torchvision' or 'pil', got {backend!r}")
         siglip = "siglip" in str(d.get("image_processor_type", d.get("feature_extractor_type", ""))).lower()
-        for flag in ("do_resize", "do_rescale", "do_normalize"):
-            if d.get(flag, True) is False:
-                raise ValueError(f"preprocessor config with {flag}=false is not supported")
-        resample = d.get("resample", 3)
-        if resample not in _PIL_RESAMPLE_NAMES:
-            raise ValueError(f"unsupported resample {resample!r} (2=bilinear and 3=bicubic are supported)")
+        interpolation = hf_resample(d, "preprocessor config", 3)
         mean = d.get("image_mean", INCEPTION_MEAN if siglip else OPENAI_MEAN)
         std = d.get("image_std", INCEPTION_STD if siglip else OPENAI_STD)
         size = d.get("size", {"height": 224, "width": 224} if siglip else {"shortest_edge": 224})
@@ -140,7 +147,7 @@ class PreprocessConfig:
         crop = d.get("crop_size", 224) if do_crop else None
         if isinstance(crop, int):
             crop = {"height": crop, "width": crop}
-        common = dict(mean=tuple(mean), std=tuple(std), interpolation=_PIL_RESAMPLE_NAMES[resample],
+        common = dict(mean=tuple(mean), std=tuple(std), interpolation=interpolation,
                       numerics="hf" if backend == "torchvision" else "hf_pil",
                       rescale_factor=float(d.get("rescale_factor", 1 / 255)))
         if "shortest_edge" in size and "longest_edge" not in size and crop is not None:

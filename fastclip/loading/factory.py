@@ -14,7 +14,7 @@ from ..backends import int8 as quant
 from ..errors import CheckpointError, UnknownModelError
 from ..models.clip import CLIP
 from ..models.config import ModelConfig, get_model_config, list_models, parse_config
-from . import hub, keymaps
+from . import hub, keymaps, keymaps_eva
 from .checkpoints import read_state_dict
 
 # "int8": fp32 master weights, linear layers packed as int8 after loading (fastclip/backends/int8.py)
@@ -65,6 +65,11 @@ def _attach_io(model: CLIP, tokenizer_dir: Path | None, preprocess_cfg=None, rep
 
 
 def _tokenizer_for(cfg: ModelConfig, tokenizer_dir: Path | None):
+    if getattr(cfg.text, "hf_tokenizer_name", None):  # open_clip's HFTokenizer (MetaCLIP 2): the directory's files
+        try:
+            return None if tokenizer_dir is None else _hf_text_tokenizer(cfg, tokenizer_dir)
+        except FileNotFoundError:  # no tokenizer files: the model loads without a tokenizer
+            return None
     if cfg.tokenizer == "clip":
         from ..data.tokenizers import ClipTokenizer
 
@@ -75,6 +80,32 @@ def _tokenizer_for(cfg: ModelConfig, tokenizer_dir: Path | None):
         if has_siglip_vocab(tokenizer_dir):  # save_pretrained of a SiglipModel alone writes none
             return SiglipTokenizer.from_dir(tokenizer_dir, context_length=cfg.text.context_length)
     return None  # no tokenizer files (or a random-weight SigLIP model); embed_texts says so
+
+
+TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt"]  # the tokenizer files of a hub repo
+
+
+def _hf_text_tokenizer(cfg: ModelConfig, tokenizer_dir: Path):
+    """open_clip's HFTokenizer over ``tokenizer_dir`` (text_cfg ``hf_tokenizer_name`` / ``tokenizer_kwargs.clean``)."""
+    from ..tokenizer import HFTokenizer
+
+    return HFTokenizer(tokenizer_dir, cfg.text.context_length, cfg.text.tokenizer_clean)
+
+
+def _attach_hub_tokenizer(model: CLIP) -> CLIP:
+    """A model whose text_cfg names ``hf_tokenizer_name`` (MetaCLIP 2) and that has no tokenizer yet gets it
+    from that hub repo, as open_clip.get_tokenizer does; if the repo cannot be had (offline, not cached) the
+    model loads without one and ``tokenizer_missing`` says why."""
+    repo = getattr(model.cfg.text, "hf_tokenizer_name", None)
+    if model.tokenizer is not None or not repo:
+        return model
+    from ..errors import FastclipError
+
+    try:
+        model.tokenizer = _hf_text_tokenizer(model.cfg, hub.download_repo(repo, TOKENIZER_PATTERNS))
+    except (FastclipError, FileNotFoundError) as exc:
+        model.tokenizer_missing = f"its tokenizer ({repo}) could not be loaded: {exc}"
+    return model
 
 
 def _check_keys(model: CLIP, sd: dict, source: str) -> None:
@@ -165,6 +196,10 @@ def _load_hf_dir(directory: Path, cfg: ModelConfig | None, device, precision, ba
     sd = keymaps.from_hf(_read_weights(weights, trust), cfg)
     model = _build(cfg, sd, str(weights), device, precision, backend)
     pre_file = directory / "preprocessor_config.json"
+    if getattr(cfg.vision, "type", None) == "naflex":  # SigLIP 2 NaFlex: patch-budget preprocessing
+        from ..data.naflex import attach_naflex_preprocess
+
+        return attach_naflex_preprocess(_attach_io(model, directory, None, name), pre_file)
     pre = PreprocessConfig.from_hf(json.loads(pre_file.read_text())) if pre_file.is_file() else None
     return _attach_io(model, directory, pre, name)  # name: the hub id the directory came from, if any
 
@@ -185,16 +220,18 @@ def _load_openclip_dir(directory: Path, device, precision, backend, trust, name:
 def _from_state_dict(cfg: ModelConfig, sd: dict, source: str, device, precision, backend) -> CLIP:
     if keymaps.is_hf_layout(sd):
         sd = keymaps.from_hf(sd, cfg)
+    elif keymaps_eva.is_openclip_eva_layout(sd):
+        sd = keymaps_eva.from_openclip_eva(sd)
     elif keymaps.is_openclip_layout(sd):
         sd = keymaps.from_openclip(sd)
-    elif "visual.conv1.weight" in sd and "text.token_embedding.weight" in sd:
+    elif ("visual.conv1.weight" in sd and "text.token_embedding.weight" in sd) or keymaps_eva.is_fastclip_eva_layout(sd):
         pass  # fastclip's own names: torch.save(model.state_dict()) of a fastclip model
     else:
         raise CheckpointError(
             f"checkpoint {source} is neither an OpenAI/OpenCLIP nor a Hugging Face CLIP/SigLIP state dict "
             f"(first keys: {', '.join(list(sd)[:5])})"
         )
-    return _attach_io(_build(cfg, sd, source, device, precision, backend), None)
+    return _attach_hub_tokenizer(_attach_io(_build(cfg, sd, source, device, precision, backend), None))
 
 
 def _load_int8_file(path: Path, cfg: ModelConfig | None, device, precision, backend) -> CLIP:
@@ -303,9 +340,14 @@ def get_tokenizer(name_or_path: str | os.PathLike):
 
     name = os.fspath(name_or_path)
     if Path(name).is_dir():
+        if keymaps.is_metaclip2_dir(Path(name)):  # MetaClip2Model: its tokenizer as transformers runs it
+            return _hf_text_tokenizer(keymaps.config_from_hf(json.loads((Path(name) / "config.json").read_text()),
+                                                              name), Path(name))
         return tokenizer_from_dir(name)
     if name in list_models():
         cfg = get_model_config(name)
+        if getattr(cfg.text, "hf_tokenizer_name", None):  # open_clip's HFTokenizer (MetaCLIP 2)
+            return _hf_text_tokenizer(cfg, hub.download_repo(cfg.text.hf_tokenizer_name, TOKENIZER_PATTERNS))
         if cfg.tokenizer == "clip":
             return ClipTokenizer(context_length=cfg.text.context_length)
         tags = hub.pretrained_tags(name)

@@ -149,6 +149,10 @@ def from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Te
             for leaf in ("weight", "bias"):
                 _move(sd, out, [(f"{head}{theirs}.{leaf}", f"visual.attn_pool.{ours}.{leaf}")])
     out.update(sd)  # leftovers surface as unexpected keys
+    if getattr(cfg.vision, "type", None) == "naflex":  # Siglip2Model: a linear patch embedding
+        from .keymaps_naflex import naflex_vision_keys
+
+        return naflex_vision_keys(out)
     return out
 
 
@@ -161,11 +165,28 @@ def _hf_act(name: str, where: str) -> str:
     return _HF_ACTS[name]
 
 
+def is_metaclip2_dir(path) -> bool:
+    """Whether ``path`` holds a transformers MetaClip2Model (config.json model_type ``metaclip_2``)."""
+    from .keymaps_metaclip2 import is_metaclip2_dir as check
+
+    return check(path)
+
+
 def config_from_hf(hf: dict, name: str) -> ModelConfig:
-    """ModelConfig from a Hugging Face ``config.json`` of model_type ``clip`` or ``siglip``."""
+    """ModelConfig from a Hugging Face ``config.json`` of model_type ``clip``, ``siglip``, ``siglip2`` (NaFlex,
+    fastclip/loading/keymaps_naflex.py) or ``metaclip_2`` (fastclip/loading/keymaps_metaclip2.py)."""
+    if hf.get("model_type") == "siglip2":  # SigLIP 2 NaFlex (keymaps_naflex.py)
+        from .keymaps_naflex import config_from_hf_naflex
+
+        return config_from_hf_naflex(hf, name)
     model_type = hf.get("model_type")
+    if model_type == "metaclip_2":  # CLIP's parameter names, first-eos pooling, XLM-V tokenizer
+        from .keymaps_metaclip2 import config_from_hf as metaclip2_config
+
+        return metaclip2_config(hf, name)
     if model_type not in ("clip", "siglip"):
-        raise CheckpointError(f"{name}: model_type {model_type!r} is not supported (expected 'clip' or 'siglip')")
+        raise CheckpointError(f"{name}: model_type {model_type!r} is not supported "
+                              "(expected 'clip', 'siglip', 'siglip2' or 'metaclip_2')")
     v, t = hf.get("vision_config", {}), hf.get("text_config", {})
     siglip = model_type == "siglip"
     # transformers' defaults for fields a config.json may omit

@@ -99,9 +99,9 @@ class CLIP(EmbeddingMixin, nn.Module):
     def init_random(self, seed: int | None = None) -> CLIP:
         """Random weights in OpenCLIP's initialisation scheme (for tests and benchmarks)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        norm_gains = {id(m.weight) for m in self.modules() if isinstance(m, nn.LayerNorm) and m.weight is not None}
         for name, p in self.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight",
-                              "ln.weight")):
+            if id(p) in norm_gains:
                 p.fill_(1.0)
             elif p.ndim == 1 and name.endswith("bias"):
                 p.zero_()

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UnknownModelError
+from . import eva as _eva_tower  # noqa: F401
+from . import naflex as _naflex_tower  # noqa: F401
 from . import text as _text_tower  # noqa: F401  (the built-in tower types register themselves at import)
 from . import vit as _vit_tower  # noqa: F401
 from .registry import parse_tower

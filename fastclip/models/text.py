@@ -12,6 +12,8 @@ from .registry import act_problem, check_options, register_tower, tower_act
 from .transformer import LayerNorm, Transformer
 
 POOL_TYPES = ("argmax", "eos", "last", "first")
+# Text cleaning before an HF tokenizer (open_clip's HFTokenizer ``clean``; "none": transformers' tokenizer as is)
+TOKENIZER_CLEAN = ("whitespace", "lower", "canonicalize", "none")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class TextConfig:
     pool_type: str = "argmax"  # "argmax" (highest id = end of text), "eos", "last", "first"
     eos_token_id: int | None = None
     proj_bias: bool = False
+    hf_tokenizer_name: str | None = None  # open_clip's HFTokenizer: the hub repo of the tokenizer files (MetaCLIP 2)
+    tokenizer_clean: str | None = None  # its text cleaning (TOKENIZER_CLEAN), with hf_tokenizer_name
     type: str = "clip"  # the tower type (fastclip/models/registry.py)
 
     @property
@@ -53,6 +57,7 @@ def parse_text_config(name: str, raw: dict, quick_gelu: bool) -> TextConfig:
         pool_type=raw.get("pool_type", "argmax"),
         eos_token_id=raw.get("eos_token_id", raw.get("eos_id")),  # "eos_id" is open_clip's spelling
         proj_bias=bool(raw.get("proj_bias", False)),
+        **_hf_tokenizer_fields(raw),
     )
     problems = []
     if cfg.width % cfg.heads:
@@ -63,9 +68,34 @@ def parse_text_config(name: str, raw: dict, quick_gelu: bool) -> TextConfig:
         problems.append("text pool_type 'eos' needs text_cfg.eos_token_id")
     if act_problem(cfg.act):
         problems.append(act_problem(cfg.act))
+    problems += _hf_tokenizer_problems(raw)
     if problems:
         raise ValueError(f"model config {name!r}: " + "; ".join(problems))
     return cfg
+
+
+def _hf_tokenizer_fields(raw: dict) -> dict:
+    """``hf_tokenizer_name`` / ``tokenizer_kwargs.clean`` of a text_cfg (open_clip's default clean: whitespace)."""
+    name = raw.get("hf_tokenizer_name")
+    if not name:
+        return {}
+    return {"hf_tokenizer_name": str(name), "tokenizer_clean": (raw.get("tokenizer_kwargs") or {}).get("clean", "whitespace")}
+
+
+def _hf_tokenizer_problems(raw: dict) -> list[str]:
+    """What of a text_cfg's HF tokenizer settings fastclip cannot reproduce."""
+    problems = []
+    kwargs = raw.get("tokenizer_kwargs") or {}
+    if kwargs and not raw.get("hf_tokenizer_name"):
+        problems.append("text_cfg.tokenizer_kwargs needs text_cfg.hf_tokenizer_name")
+    unknown = sorted(set(kwargs) - {"clean"})
+    if unknown:
+        problems.append(f"text_cfg.tokenizer_kwargs {', '.join(unknown)} not supported (only 'clean')")
+    if kwargs.get("clean", "whitespace") not in TOKENIZER_CLEAN:
+        problems.append(f"text_cfg.tokenizer_kwargs.clean {kwargs['clean']!r} is not one of {', '.join(TOKENIZER_CLEAN)}")
+    if raw.get("tokenizer_mode"):
+        problems.append(f"text_cfg.tokenizer_mode {raw['tokenizer_mode']!r} is not supported")
+    return problems
 
 
 class TextTransformer(nn.Module):

@@ -61,15 +61,20 @@ class MultiheadAttention(nn.Module):
         return y.view(B, L, parts, self.heads, self.width // self.heads).permute(2, 0, 3, 1, 4)
 
     def attend_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ops: OpTable, causal: bool = False,
-                     query_positions: torch.Tensor | None = None) -> torch.Tensor:
+                     query_positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The attention core: q (B, H, Q, Dh), k/v (B, H, L, Dh) -> out-projected rows (B, Q, W).
 
         ``query_positions`` (B,), with Q == 1 and ``causal``: the position of each row's query in the
         sequence, so it sees keys 0..position only (the causal mask of the pooled row). Rows are grouped by
-        position, so the ops need no mask argument.
+        position, so the ops need no mask argument. ``key_mask`` (B, L) bool, True = a real key: padded keys
+        (NaFlex's padded patches) are seen by no query; not combined with ``query_positions``.
         """
         B, H, Q, Dh = q.shape
-        if query_positions is None:
+        if key_mask is not None:
+            if query_positions is not None:
+                raise ValueError("attend_heads: key_mask and query_positions cannot be combined")
+            out = ops.attention(q, k, v, causal=causal, key_mask=key_mask)  # (B, H, Q, Dh)
+        elif query_positions is None:
             out = ops.attention(q, k, v, causal=causal)  # (B, H, Q, Dh)
         else:
             out = self._attend_up_to(q, k, v, ops, query_positions)
@@ -89,17 +94,19 @@ class MultiheadAttention(nn.Module):
             out[sel] = ops.attention(q[sel], k[sel, :, : p + 1], v[sel, :, : p + 1], causal=False)
         return out
 
-    def self_attention(self, x: torch.Tensor, ops: OpTable, causal: bool) -> torch.Tensor:
-        """x: (B, L, W) -> (B, L, W)."""
+    def self_attention(self, x: torch.Tensor, ops: OpTable, causal: bool,
+                       key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, W), key_mask: (B, L) bool or None -> (B, L, W)."""
         qkv = self._heads(ops.linear(x, self.in_proj_weight, self.in_proj_bias), 3)  # (3, B, H, L, Dh)
-        return self.attend_heads(qkv[0], qkv[1], qkv[2], ops, causal=causal)
+        return self.attend_heads(qkv[0], qkv[1], qkv[2], ops, causal=causal, key_mask=key_mask)
 
-    def cross_attention(self, query: torch.Tensor, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
-        """query: (B, Q, W) attends to x: (B, L, W) -> (B, Q, W)."""
+    def cross_attention(self, query: torch.Tensor, x: torch.Tensor, ops: OpTable,
+                        key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """query: (B, Q, W) attends to x: (B, L, W) (the rows where key_mask (B, L) is True) -> (B, Q, W)."""
         (wq, bq), (wkv, bkv) = self._split_q_kv()
         q = self._heads(ops.linear(query, wq, bq), 1)[0]  # (B, H, Q, Dh)
         kv = self._heads(ops.linear(x, wkv, bkv), 2)  # (2, B, H, L, Dh)
-        return self.attend_heads(q, kv[0], kv[1], ops)
+        return self.attend_heads(q, kv[0], kv[1], ops, key_mask=key_mask)
 
     def pooled_attention(self, x: torch.Tensor, index: torch.Tensor, ops: OpTable, causal: bool) -> torch.Tensor:
         """Self-attention output at one row per sequence.  x: (B, L, W), index: (B,) -> (B, W).
@@ -157,12 +164,14 @@ class ResidualAttentionBlock(nn.Module):
             return self.ln_1.apply_op(x, ops), x
         return ops.layer_norm(pending, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps, residual=x)
 
-    def apply_split(self, x: torch.Tensor, pending: torch.Tensor | None, ops: OpTable, causal: bool):
+    def apply_split(self, x: torch.Tensor, pending: torch.Tensor | None, ops: OpTable, causal: bool,
+                    key_mask: torch.Tensor | None = None):
         """The block on ``x + pending`` (``pending``: the previous block's MLP output, or None), returned as
         the pair (s, m) whose sum is the output: the residual add is left to the next block's LayerNorm,
-        which makes it in the same pass.  x, pending: (B, L, W) -> s, m: (B, L, W)."""
+        which makes it in the same pass.  x, pending: (B, L, W) -> s, m: (B, L, W). ``key_mask``: (B, L) bool,
+        True = a real token (padded tokens are attended to by none)."""
         y, x = self._ln_1(x, pending, ops)
-        h = self.attn.self_attention(y, ops, causal)
+        h = self.attn.self_attention(y, ops, causal, key_mask)
         y, x = ops.layer_norm(h, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, residual=x)  # x += h; y = ln_2(x)
         return x, self.mlp.apply_op(y, ops)
 
@@ -188,14 +197,18 @@ class Transformer(nn.Module):
             [ResidualAttentionBlock(width, heads, mlp_width, act, eps) for _ in range(layers)]
         )
 
-    def apply_op(self, x: torch.Tensor, ops: OpTable, causal: bool, index: torch.Tensor | None = None) -> torch.Tensor:
+    def apply_op(self, x: torch.Tensor, ops: OpTable, causal: bool, index: torch.Tensor | None = None,
+                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, L, W) -> (B, L, W); with ``index`` (B,) -> (B, W), the final states of rows ``index[b]``
-        only (the last block is trimmed to them: see ResidualAttentionBlock.apply_pooled)."""
+        only (the last block is trimmed to them: see ResidualAttentionBlock.apply_pooled). ``key_mask``
+        (B, L) bool, True = a real token: padded tokens are keys of no query (not combined with ``index``)."""
+        if key_mask is not None and index is not None:
+            raise ValueError("Transformer.apply_op: key_mask and index cannot be combined")
         blocks = list(self.resblocks)
         last = blocks.pop() if index is not None and blocks else None
         pending = None  # each block's MLP output is added to the stream inside the next LayerNorm
         for block in blocks:
-            x, pending = block.apply_split(x, pending, ops, causal)
+            x, pending = block.apply_split(x, pending, ops, causal, key_mask)
         if last is not None:
             return last.apply_pooled(x, ops, causal, index, pending)
         if pending is not None:
@@ -215,9 +228,9 @@ class AttentionPool(nn.Module):
         self.ln = LayerNorm(width, eps=eps)
         self.mlp = Mlp(width, mlp_width, act)
 
-    def apply_op(self, x: torch.Tensor, ops: OpTable) -> torch.Tensor:
-        """x: (B, L, W) -> (B, W)."""
+    def apply_op(self, x: torch.Tensor, ops: OpTable, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, W), key_mask: (B, L) bool (True = a real token; padding is not pooled) or None -> (B, W)."""
         probe = self.probe.expand(x.shape[0], -1, -1)  # (B, 1, W)
-        h = self.attn.cross_attention(probe, x, ops)  # (B, 1, W)
+        h = self.attn.cross_attention(probe, x, ops, key_mask)  # (B, 1, W)
         h = h + self.mlp.apply_op(self.ln.apply_op(h, ops), ops)
         return h[:, 0]
