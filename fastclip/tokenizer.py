@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import string
 import threading
@@ -19,7 +18,7 @@ import ftfy
 import torch
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from .data.tokenizers import ClipTokenizer, SiglipTokenizer, _check_texts, tokenizer_from_dir
+from .data.tokenizers import ClipTokenizer, SiglipTokenizer, _check_texts, _read_json, _token_str, tokenizer_from_dir
 
 __all__ = ["ClipTokenizer", "SiglipTokenizer", "tokenizer_from_dir", "HFTokenizer"]
 
@@ -59,17 +58,6 @@ _CLASS_OF_MODEL_TYPE = {"metaclip_2": "XLMRobertaTokenizer", "xlm-roberta": "XLM
                         "t5": "T5Tokenizer", "mt5": "T5Tokenizer"}  # transformers' AutoTokenizer table
 
 
-def _json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _content(value) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
-
-
 def _charsmap(tokenizer_json: dict) -> bytes | None:
     """The sentencepiece charsmap of a tokenizer.json's Precompiled normalizer (inside a Sequence or not)."""
     norm = tokenizer_json.get("normalizer") or {}
@@ -97,7 +85,7 @@ def _from_sentencepiece(model_file: str, klass: str, cfg: dict) -> Tokenizer:
     T5's sentinels. Normalizer, pre-tokenizer and post-processor are set by the caller."""
     proto = _spm_proto(model_file)
     pieces = [(p.piece, p.score) for p in proto.pieces]
-    names = {k: _content(cfg.get(f"{k}_token")) for k in ("bos", "eos", "unk", "pad", "mask")}
+    names = {k: _token_str(cfg.get(f"{k}_token")) for k in ("bos", "eos", "unk", "pad", "mask")}
     if klass == "XLMRobertaTokenizer":
         first = [names["bos"] or "<s>", names["pad"] or "<pad>", names["eos"] or "</s>", names["unk"] or "<unk>"]
         specials = [*first, names["mask"] or "<mask>"]
@@ -137,11 +125,11 @@ class HFTokenizer:
         if clean not in CLEAN_FNS:
             raise ValueError(f"clean must be one of {', '.join(CLEAN_FNS)}, got {clean!r}")
         file = os.path.join(path, "tokenizer.json")
-        cfg = _json(os.path.join(path, "tokenizer_config.json"))
+        cfg = _read_json(os.path.join(path, "tokenizer_config.json"))
         if "added_tokens_decoder" not in cfg:
-            cfg.update(_json(os.path.join(path, "special_tokens_map.json")))
+            cfg.update(_read_json(os.path.join(path, "special_tokens_map.json")))
         klass = (cfg.get("tokenizer_class") or "").removesuffix("Fast") or _CLASS_OF_MODEL_TYPE.get(
-            _json(os.path.join(path, "config.json")).get("model_type", ""), "")
+            _read_json(os.path.join(path, "config.json")).get("model_type", ""), "")
         spm_file = next((os.path.join(path, f) for f in _SPM_FILES.get(klass, ()) if os.path.isfile(os.path.join(path, f))),
                         None)
         if not os.path.isfile(file) and spm_file is None:
@@ -150,10 +138,10 @@ class HFTokenizer:
                 f"{path} has no tokenizer.json (found {found}), nor the sentencepiece file of an XLMRobertaTokenizer / "
                 "T5Tokenizer directory; write one with transformers: "
                 "AutoTokenizer.from_pretrained(<repo or dir>).save_pretrained(<dir>)")
-        bos, eos, pad = (_content(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+        bos, eos, pad = (_token_str(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
         if os.path.isfile(file):
             self._tok = tok = Tokenizer.from_file(file)
-            charsmap = _charsmap(_json(file)) if klass in _REBUILT else None
+            charsmap = _charsmap(_read_json(file)) if klass in _REBUILT else None
         else:
             self._tok = tok = _from_sentencepiece(spm_file, klass, cfg)
             charsmap = _spm_proto(spm_file).normalizer_spec.precompiled_charsmap or None
