@@ -18,7 +18,17 @@ quick check before timing (the choice and both timings are in its ``extra_info``
 packages (ONNX Runtime, OpenVINO, NNCF) are not installed is skipped with the reason.
 
 Images: ViT-B-32 and ViT-B-16 at batch 1 and 32, ViT-L-14 at batch 1 and 8 (only with
-FASTCLIP_BENCH_LARGE=1). Text: 256 captions of 5-40 words (bench/captions.py) through the ViT-B-32 text
+FASTCLIP_BENCH_LARGE=1). EVA02-B-16 and PE-Core-B-16 at batch 1 and 32 (``test_eva_images``: open_clip built by
+name with its timm trunk, every peer above but transformers), and SigLIP 2 NaFlex at batch 1 and 32
+(``test_naflex_images``: a transformers Siglip2Model of siglip2-base-patch16-naflex's sizes, PIL images of mixed
+aspect ratios, preprocessing in every row: fastclip's ``embed_images``, transformers' processor +
+``get_image_features``, its vision model under ``torch.compile``, ONNX Runtime fp32 / int8 of its export):
+
+    python -m pytest bench/bench_e2e.py -k "test_eva_images and EVA02-B-16"
+    python -m pytest bench/bench_e2e.py -k "test_eva_images and PE-Core-B-16"
+    python -m pytest bench/bench_e2e.py -k "test_naflex_images"
+
+Text: 256 captions of 5-40 words (bench/captions.py) through the ViT-B-32 text
 tower, tokenization included in every row: fastclip's ``embed_texts`` and ``encode_text(tokenizer(...))``,
 open_clip, ONNX Runtime and OpenVINO on open_clip's 77-token input, transformers with ``padding="longest"``
 and its attention mask.
@@ -38,8 +48,17 @@ import torch
 
 from captions import realistic_captions
 from conftest import rate
-from flops import caption_flops, image_flops
-from peers import precision, unavailable
+from flops import caption_flops, image_flops, naflex_image_flops
+from peers import (
+    NAFLEX_IMAGE_PEERS,
+    NAFLEX_SIZES,
+    OPENCLIP_IMAGE_PEERS,
+    NaflexPeerSet,
+    OpenClipPeerSet,
+    naflex_images,
+    precision,
+    unavailable,
+)
 from sgemm import SHAPES
 
 IMPLS = ["fastclip", "fastclip-int8", "fastclip-bf16", "open_clip", "open_clip-bf16", "torch.compile", "transformers",
@@ -119,7 +138,11 @@ def test_captions(benchmark, peer_set, sgemm_gflops, peak_rates, impl):
 
 @pytest.mark.parametrize("arch, batch, impl", list(_image_cases()))
 def test_images(benchmark, peer_set, sgemm_gflops, peak_rates, arch, batch, impl):
-    peers = peer_set(arch)
+    _time_images(benchmark, peer_set(arch), arch, batch, impl, IMAGE_ROUNDS[arch][batch], sgemm_gflops, peak_rates)
+
+
+def _time_images(benchmark, peers, arch: str, batch: int, impl: str, rounds: int, sgemm_gflops, peak_rates):
+    """One image row: ``impl`` of ``peers`` on (batch, 3, S, S) standard-normal pixels, ``rounds`` timed calls."""
     benchmark.group = f"{arch} images, batch {batch}"
     size = peers.cfg.vision.image_size
     if (arch, batch) not in _INPUTS:
@@ -130,5 +153,55 @@ def test_images(benchmark, peer_set, sgemm_gflops, peak_rates, arch, batch, impl
     pixels = _INPUTS[arch, batch]
     fn = _build_or_skip(lambda: peers.image_encoder(impl, pixels), impl)
     with torch.inference_mode():
-        benchmark.pedantic(fn, args=(pixels,), rounds=IMAGE_ROUNDS[arch][batch], warmup_rounds=1)
+        benchmark.pedantic(fn, args=(pixels,), rounds=rounds, warmup_rounds=1)
     _record(benchmark, peers, impl, "image", batch, _FLOPS[arch], sgemm_gflops, peak_rates, batch=batch)
+
+
+# ---------------------------------------------------------------- EVA02 / PE-Core and SigLIP 2 NaFlex images
+# EVA02-B-16 and PE-Core-B-16 (open_clip with timm trunks, bench/peers.py OpenClipPeerSet): every image peer but
+# transformers, on standard-normal pixels. SigLIP 2 NaFlex (a transformers Siglip2Model of
+# siglip2-base-patch16-naflex's sizes, loaded by fastclip from its directory, bench/peers.py NaflexPeerSet): PIL
+# images of mixed aspect ratios (peers.NAFLEX_SIZES, cycled), preprocessing included in every row; FLOPs per
+# image at its own patch count (bench/flops.py naflex_image_flops).
+EVA_ROUNDS = {"EVA02-B-16": {1: 10, 32: 3}, "PE-Core-B-16": {1: 10, 32: 3}}  # architecture: {batch: rounds}
+NAFLEX = "SigLIP2-NaFlex-B-16"
+NAFLEX_ROUNDS = {1: 10, 32: 3}
+_FAMILY: dict = {}  # the latest OpenClipPeerSet / NaflexPeerSet, keyed by architecture (one alive at a time)
+
+
+def _family_peers(peer_set, arch: str, build):
+    """The peers of ``arch`` (built by ``build`` on first use), freeing the CLIP rows' PeerSet and any other
+    family's peers first."""
+    if arch not in _FAMILY:
+        peer_set.arch, peer_set.peers = None, None  # conftest's latest CLIP PeerSet is no longer needed
+        _FAMILY.clear()
+        _FAMILY[arch] = build()
+    return _FAMILY[arch]
+
+
+def _model_cases(rounds: dict, impls) -> list:
+    return [pytest.param(arch, batch, impl, id=f"{arch}-b{batch}-{impl}", marks=_missing(impl))
+            for arch, batches in rounds.items() for batch in batches for impl in impls]
+
+
+@pytest.mark.parametrize("arch, batch, impl", _model_cases(EVA_ROUNDS, OPENCLIP_IMAGE_PEERS))
+def test_eva_images(benchmark, peer_set, sgemm_gflops, peak_rates, arch, batch, impl):
+    peers = _family_peers(peer_set, arch, lambda: OpenClipPeerSet(arch))
+    _time_images(benchmark, peers, arch, batch, impl, EVA_ROUNDS[arch][batch], sgemm_gflops, peak_rates)
+
+
+@pytest.mark.parametrize("arch, batch, impl", _model_cases({NAFLEX: NAFLEX_ROUNDS}, NAFLEX_IMAGE_PEERS))
+def test_naflex_images(benchmark, peer_set, sgemm_gflops, peak_rates, arch, batch, impl):
+    peers = _family_peers(peer_set, arch, lambda: NaflexPeerSet(arch))
+    sizes = ", ".join(f"{w}x{h}" for w, h in NAFLEX_SIZES)
+    benchmark.group = f"{arch} images ({sizes}), batch {batch}"
+    if (arch, batch) not in _INPUTS:
+        _INPUTS.clear()
+        _INPUTS[arch, batch] = naflex_images(batch, seed=batch)
+    images = _INPUTS[arch, batch]
+    if (arch, batch) not in _FLOPS:
+        _FLOPS[arch, batch] = naflex_image_flops(peers.hf.vision_model, peers.processor, images)
+    fn = _build_or_skip(lambda: peers.image_encoder(impl, images), impl)
+    with torch.inference_mode():
+        benchmark.pedantic(fn, args=(images,), rounds=NAFLEX_ROUNDS[batch], warmup_rounds=1)
+    _record(benchmark, peers, impl, "image", batch, _FLOPS[arch, batch], sgemm_gflops, peak_rates, batch=batch)

@@ -5,8 +5,8 @@ same input, calls interleaved (the figure to quote on a shared machine).
 
 Each case builds the open_clip model with random weights, saves its state dict, loads it with
 ``fastclip.load``, checks the image features (fp32 max-abs <= fastclip.tolerance.UPSTREAM_ATOL) and then times
-both, round after round, printing the medians and fastclip's speed-up. fastclip's rotary embeddings run the
-reference op (no fused kernel yet); the rest runs the C++ kernels.
+both, round after round, printing the medians and fastclip's speed-up. Every op runs the C++ kernels (rotary
+embeddings inside the attention kernel; bench/bench_rotary.py compares that with the unfused op).
 """
 import statistics
 import time

@@ -37,3 +37,62 @@ def caption_flops(hf_model, hf_tokenizer, captions: list[str]) -> int:
         ids[0, 0], ids[0, -1] = 49406, 49407
         total += count * count_flops(hf_model.get_text_features, input_ids=ids)
     return total
+
+
+# ---------------------------------------------------------------- EVA02 / PE-Core / SigLIP 2 NaFlex
+def naflex_image_flops(vision_model, processor, images) -> float:
+    """Mean FLOPs of one image of ``images`` through transformers' SigLIP 2 vision model (``Siglip2VisionModel``
+    or ``Siglip2Model.vision_model``), each image counted alone on its own h * w patches (the processor's
+    padding to ``max_num_patches`` cut off), so a row's GFLOP/s is useful work per second, as for the
+    captions. Images of one size are counted once."""
+    counted: dict[tuple[int, int], int] = {}
+    for image in images:
+        if image.size not in counted:
+            inputs = processor(images=[image], return_tensors="pt")
+            n = int(inputs["pixel_attention_mask"].sum())  # the real patches come first
+            counted[image.size] = count_flops(vision_model, pixel_values=inputs["pixel_values"][:, :n],
+                                              pixel_attention_mask=inputs["pixel_attention_mask"][:, :n],
+                                              spatial_shapes=inputs["spatial_shapes"])
+    return sum(counted[image.size] for image in images) / len(images)
+
+
+def _blocks_flops(tokens: int, width: int, layers: int, mlp_in: int, mlp_hidden: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) of ``layers`` transformer blocks on ``tokens`` tokens: q/k/v, q.k and
+    attention.v, the output projection, and an MLP of ``mlp_in`` rows into the hidden layer (2 M for a gated
+    one: gate and value) and M -> width out."""
+    attention = 3 * tokens * width * width + 2 * tokens * tokens * width + tokens * width * width
+    mlp = tokens * width * mlp_in + tokens * mlp_hidden * width
+    return 2 * layers * (attention + mlp)
+
+
+def _pool_flops(tokens: int, width: int, mlp_hidden: int) -> int:
+    """The attention-pooling head: one learned query (q projected once) over ``tokens`` keys / values, the output
+    projection and its MLP on the pooled row."""
+    return 2 * (width * width + 2 * tokens * width * width + 2 * tokens * width + width * width
+                + 2 * width * mlp_hidden)
+
+
+def eva_image_flops(cfg) -> int:
+    """Matmul FLOPs of one image through an EVA-02 / PE-Core image tower from its fastclip config
+    (``fastclip.get_model_config(name)``): the patch embedding, the blocks (SwiGLU MLP: fc1 holds the gate and
+    value rows, 2 x 2048 for EVA02-B; PE-Core: GELU, 3072), then the head Linear on the class token ("token")
+    or on the attention-pooled row ("map"). The elementwise work (rotary embeddings, norms) is not counted,
+    as ``FlopCounterMode`` does not count it."""
+    v = cfg.vision
+    patches, tokens = v.grid ** 2, v.num_tokens
+    mlp_in = 2 * v.mlp_width if v.swiglu else v.mlp_width
+    flops = 2 * patches * 3 * v.patch_size ** 2 * v.width
+    flops += _blocks_flops(tokens, v.width, v.layers, mlp_in, v.mlp_width)
+    if v.pool == "map":
+        flops += _pool_flops(tokens, v.width, v.pool_mlp_width)
+    return flops + 2 * v.width * cfg.embed_dim
+
+
+def naflex_flops(cfg, patches: int) -> int:
+    """Matmul FLOPs of one SigLIP 2 NaFlex image of ``patches`` patches (h * w) from its fastclip config: the
+    patch embedding, the (G x G) position grid resized to the image (transformers runs it as one
+    (patches, G^2) @ (G^2, W) matmul), the blocks (GELU MLP) and the attention-pooling head (no projection)."""
+    v = cfg.vision
+    flops = 2 * patches * v.patch_dim * v.width + 2 * patches * v.position_grid ** 2 * v.width
+    flops += _blocks_flops(patches, v.width, v.layers, v.mlp_width, v.mlp_width)
+    return flops + _pool_flops(patches, v.width, v.mlp_width)

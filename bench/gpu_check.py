@@ -85,6 +85,7 @@ class Plan:
     attention: tuple  # (B, H, Lq, Lk, Dh, causal, key padding)
     layer_norm: tuple  # (rows, width)
     bias_act: tuple  # (rows, width)
+    rotary: tuple  # (B, H, L, Dh, start): q of a packed qkv projection, the class token unrotated
     heads: tuple  # normalize_project: (B, L, W, E, text tower, normalize)
     losses: tuple  # (N, D)
     workloads: tuple  # gm.Workload: the kernel timing shapes
@@ -109,6 +110,7 @@ FULL = Plan(
                (2, 8, 197, 197, 128, True, True)),  # the widest head with both masks
     layer_norm=((4099, 768), (1000, 1024), (333, 1280)),
     bias_act=((4099, 3072), (1000, 4304)),
+    rotary=((8, 12, 197, 64, 1), (4, 16, 257, 64, 1), (4, 16, 577, 88, 0)),  # EVA02-B-16, EVA02-L-14, PE-Core-L
     heads=((1, 50, 768, 512, False, True), (300, 77, 512, 512, True, True),
            (4100, 50, 1024, 768, False, False), (9000, 8, 768, 512, False, True)),  # 16/32/64-row tiles
     losses=((1000, 512), (4097, 80)),
@@ -122,6 +124,7 @@ SMOKE = Plan(
     attention=((2, 1, 40, 40, 80, True, True), (1, 2, 1, 50, 64, False, False)),
     layer_norm=((9, 768),),
     bias_act=((17, 600),),
+    rotary=((2, 2, 9, 88, 1),),
     heads=((3, 5, 64, 48, True, True), (2, 5, 64, 48, False, False)),
     losses=((40, 80),),
     workloads=(gm.Workload("tiny text", SMOKE_MODEL, "text", 2, 77, 64, 2, 256, "quick_gelu", True, 32),),
@@ -270,7 +273,16 @@ def check_layer_norm(row, plan, ops, dtype, M, N):
 def check_bias_act(row, plan, ops, dtype, M, N):
     x, b = rand((M, N), N, plan, dtype, 3.0), rand((N,), 1, plan, dtype, 0.5)
     record(row, {act: (ops.bias_act(x, b, act), ref.bias_act(x.double(), b.double(), act), ref.bias_act(x, b, act))
-                 for act in ("gelu", "gelu_tanh", "quick_gelu", "none")}, dtype)
+                 for act in ("gelu", "gelu_tanh", "quick_gelu", "none", "swiglu")}, dtype)
+
+
+def check_rotary(row, plan, ops, dtype, B, H, L, Dh, start):
+    q = rand((B, L, 3, H, Dh), 5, plan, dtype, 2.0).permute(2, 0, 3, 1, 4)[0]  # (B, H, L, Dh) view
+    angles = rand((L - start, Dh // 2), 6, plan, torch.float32, 4.0)
+    cos, sin = angles.cos(), angles.sin()
+    record(row, {"rotary": (ops.rotary(q, cos, sin, start=start),
+                            ref.rotary(q.double(), cos.double(), sin.double(), start=start),
+                            ref.rotary(q, cos.to(dtype), sin.to(dtype), start=start))}, dtype)
 
 
 def check_head(row, plan, ops, dtype, B, L, W, E, text, normalize):
@@ -360,6 +372,9 @@ def check_section(rows: list, plan: Plan, run) -> None:
         for M, N in plan.bias_act:
             with case(rows, op="bias_act", shape=f"{M} x {N}", dtype=name) as row:
                 check_bias_act(row, plan, ops, dtype, M, N)
+        for shape in plan.rotary:
+            with case(rows, op="rotary", shape="B={} H={} L={} Dh={} start={}".format(*shape), dtype=name) as row:
+                check_rotary(row, plan, ops, dtype, *shape)
         for B, L, W, E, text, normalize in plan.heads:
             label = f"B={B} W={W} E={E}" + (" text (index, bias)" if text else " class token") + " L2" * normalize
             with case(rows, op="normalize_project", shape=label, dtype=name) as row:

@@ -12,6 +12,9 @@ transformers, ONNX Runtime, OpenVINO; int8: ONNX Runtime, OpenVINO; bf16: open_c
 int8 and bf16 peers with cosine >= 0.99 only) with fastclip's ratio to the best fp32 peer, fastclip int8's
 to the best int8 peer and fastclip bf16's to the best bf16 peer (throughput at batch 32 and for the
 captions; latency in batch-1 groups; > 1: fastclip is faster), and the speed targets.
+
+The EVA02-B-16, PE-Core-B-16 and SigLIP 2 NaFlex groups (bench_e2e.py's test_eva_images / test_naflex_images)
+read the same way; their GFLOP/s and fraction of peak come from bench/flops.py's counts for those towers.
 """
 from __future__ import annotations
 

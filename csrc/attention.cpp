@@ -11,10 +11,14 @@
 // AVX2, 12x32 with AVX-512F, see gemm512.h),
 // online softmax (running row max m and sum l, O rescaled by exp(m_old - m_new)), O += P V. The
 // result O / l is written straight into `out`'s strided rows. No copies of q/k/v outside the scratch.
+// rope_cos / rope_sin (N, D/2) or null, rope_start: rotary q and k (query / key i at position i, positions
+// >= rope_start rotated by angle row i - rope_start, csrc/rotary.h): each head's keys are rotated into the
+// scratch before packing, each query block into a scratch block before its tiles read it.
 #include <pybind11/pybind11.h>
 
 #include "common.h"
 #include "gemm512.h"
+#include "rotary.h"
 
 namespace py = pybind11;
 
@@ -23,10 +27,6 @@ namespace {
 
 constexpr int64_t kMaxBQ = 64;   // queries per work item
 constexpr int64_t kMaxBK = 128;  // keys per softmax block
-
-struct Strides {
-  int64_t b, h, l;
-};
 
 }  // namespace
 }  // namespace fastclip
@@ -103,9 +103,21 @@ void scale_row(float* o, int64_t n, float a) {
   for (int64_t d = 0; d < n; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), va));
 }
 
+// Rows [0, n) of x (stride sx) at token positions p0.. into y (n, D) contiguous, rotated by the rotary angles
+// of positions >= start (cos / sin rows p - start, D/2 each, interleaved pairs); earlier positions copied.
+void rotate_rows(const float* x, int64_t sx, int64_t n, int64_t p0, int64_t D, const float* cos, const float* sin,
+                 int64_t start, float* y) {
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t p = p0 + r;
+    if (p < start) std::memcpy(y + r * D, x + r * sx, D * sizeof(float));
+    else rotate_row(x + r * sx, y + r * D, cos + (p - start) * (D / 2), sin + (p - start) * (D / 2), D);
+  }
+}
+
 void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const float* v, Strides sv, float* out,
                    Strides so, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool causal, float scale,
-                   const int32_t* key_lengths) {
+                   const int32_t* key_lengths, const float* rope_cos = nullptr, const float* rope_sin = nullptr,
+                   int64_t rope_start = 0) {
   const int64_t nqb = ceil_div(Lq, kMaxBQ), bq = ceil_div(Lq, nqb);
   const int64_t nkb = ceil_div(Lk, kMaxBK), bk = round_up(ceil_div(Lk, nkb), 16);
   const int64_t Lkp = round_up(Lk, 16), Dp = round_up(D, 8);
@@ -114,7 +126,7 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
   const int64_t grain = B * H >= 4 * max_threads() ? nqb : 1;
   auto* const mm = avx512_enabled() ? &gemm512 : &gemm;  // zmm tiles where the CPU has them
   parallel_for(tasks, grain, [&](int64_t t0, int64_t t1) {
-    thread_local std::vector<float> kbuf, vbuf, sbuf, obuf, mlbuf;
+    thread_local std::vector<float> kbuf, vbuf, sbuf, obuf, mlbuf, rbuf, qbuf;
     float* Kp = scratch(kbuf, Lkp * D);
     float* Vp = scratch(vbuf, Lk * Dp);
     float* S = scratch(sbuf, bq * bk);
@@ -125,13 +137,26 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nqb, qb = t % nqb, b = bh / H, h = bh % H;
       if (bh != packed) {
-        pack_kv(k + b * sk.b + h * sk.h, sk.l, v + b * sv.b + h * sv.h, sv.l, Lk, D, Dp, Kp, Vp);
+        const float* kk = k + b * sk.b + h * sk.h;
+        int64_t skl = sk.l;
+        if (rope_cos) {  // rotary keys: rotated into scratch, then packed
+          float* Kr = scratch(rbuf, Lk * D);
+          rotate_rows(kk, skl, Lk, 0, D, rope_cos, rope_sin, rope_start, Kr);
+          kk = Kr, skl = D;
+        }
+        pack_kv(kk, skl, v + b * sv.b + h * sv.h, sv.l, Lk, D, Dp, Kp, Vp);
         packed = bh;
       }
       const int64_t i0 = qb * bq, nq = std::min(bq, Lq - i0);
       const int64_t lk = key_lengths ? std::min<int64_t>(Lk, std::max(0, key_lengths[b])) : Lk;  // visible keys
       const int64_t kend = causal ? std::min(lk, i0 + nq) : lk;
       const float* qrows = q + b * sq.b + h * sq.h + i0 * sq.l;
+      int64_t sql = sq.l;
+      if (rope_cos) {  // rotary queries: this block's rows rotated into scratch
+        float* Qr = scratch(qbuf, bq * D);
+        rotate_rows(qrows, sql, nq, i0, D, rope_cos, rope_sin, rope_start, Qr);
+        qrows = Qr, sql = D;
+      }
       float* orows = out + b * so.b + h * so.h + i0 * so.l;
       if (kend == 0) {  // no visible key (an all-padding row): zeros, as the reference gives
         for (int64_t r = 0; r < nq; ++r) std::memset(orows + r * so.l, 0, D * sizeof(float));
@@ -141,7 +166,7 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
       std::fill(Lsum, Lsum + nq, 0.0f);
       for (int64_t j0 = 0; j0 < kend; j0 += bk) {
         const int64_t nk = std::min(bk, kend - j0);
-        mm(nq, round_up(nk, 8), D, qrows, sq.l, Kp + (j0 / 16) * D * 16, 16 * D, 16, S, bk, false);
+        mm(nq, round_up(nk, 8), D, qrows, sql, Kp + (j0 / 16) * D * 16, 16 * D, 16, S, bk, false);
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t valid = causal ? std::max<int64_t>(0, std::min(nk, i0 + r + 1 - j0)) : nk;
           if (valid == 0) {  // a causal row past this batch's keys sees nothing in this block
@@ -177,18 +202,20 @@ void bind_attention(py::module_& m) {
       "attention",
       [](uintptr_t q, py::tuple sq, uintptr_t k, py::tuple sk, uintptr_t v, py::tuple sv, uintptr_t out,
          py::tuple so, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool causal, float scale,
-         uintptr_t key_lengths) {
+         uintptr_t key_lengths, uintptr_t rope_cos, uintptr_t rope_sin, int64_t rope_start) {
         auto st = [](py::tuple t) { return Strides{t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>()}; };
         const Strides a = st(sq), b = st(sk), c = st(sv), d = st(so);
         py::gil_scoped_release release;
         attention_f32(reinterpret_cast<const float*>(q), a, reinterpret_cast<const float*>(k), b,
                       reinterpret_cast<const float*>(v), c, reinterpret_cast<float*>(out), d, B, H, Lq, Lk, D, causal,
-                      scale, reinterpret_cast<const int32_t*>(key_lengths));
+                      scale, reinterpret_cast<const int32_t*>(key_lengths), reinterpret_cast<const float*>(rope_cos),
+                      reinterpret_cast<const float*>(rope_sin), rope_start);
       },
       py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
       py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"), py::arg("v_strides"),
       py::arg("out"), py::arg("out_strides"), py::arg("B"), py::arg("H"), py::arg("Lq"), py::arg("Lk"), py::arg("D"),
       py::arg("causal"), py::arg("scale"), py::arg("key_lengths") = 0,
+      py::arg("rope_cos") = 0, py::arg("rope_sin") = 0, py::arg("rope_start") = 0,
       "softmax(q k^T * scale [+ causal mask]) v on fp32 pointers; strides (b, h, l) in elements, unit stride on D; "
       "key_lengths: (B,) int32 visible keys per batch row (a prefix key-padding mask), or 0 for none.");
 }

@@ -22,6 +22,11 @@
 
 namespace fastclip {
 
+// Element strides of the B, H and L dims of a (B, H, L, D) view with unit stride on D (attention, rotary).
+struct Strides {
+  int64_t b, h, l;
+};
+
 // ------------------------------------------------------------------------------------------ threads
 struct OmpRuntime {
   void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel

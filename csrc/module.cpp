@@ -26,6 +26,7 @@ void bind_normalize_project(py::module_& m);
 void bind_linear(py::module_& m);
 void bind_linear_int8(py::module_& m);
 void bind_peak(py::module_& m);
+void bind_rotary(py::module_& m);
 
 namespace {
 
@@ -171,4 +172,5 @@ PYBIND11_MODULE(_C, m) {
   fastclip::bind_linear(m);
   fastclip::bind_linear_int8(m);
   fastclip::bind_peak(m);
+  fastclip::bind_rotary(m);
 }

@@ -141,10 +141,9 @@ CAPTIONS = ("a photo of a cat", "a dog running on the beach", "a red car parked 
 
 def cmd_quantize(args) -> int:
     """Calibrate int8 on the user's images (and captions), print the per-layer report, save the int8 file."""
-    import torch
-
     import fastclip
     from fastclip import quantize
+    from fastclip.errors import ItemError
 
     if not args.out.endswith(".safetensors"):
         raise SystemExit(f"fastclip quantize: --out must end in .safetensors, got {args.out}")
@@ -167,13 +166,11 @@ def cmd_quantize(args) -> int:
     def batches():
         b = args.batch_size
         for start in range(0, len(images), b):
-            pixels = []
-            for path in images[start:start + b]:
-                try:
-                    pixels.append(model.preprocess(path))
-                except Exception as exc:  # any decoding failure: name the file
-                    raise SystemExit(f"fastclip quantize: cannot read image {path}: {exc}") from None
-            yield "image", torch.stack(pixels)
+            try:  # (B, 3, S, S) pixels, or a NaflexBatch of patch sequences (SigLIP 2 NaFlex)
+                pixels, _, _ = model.preprocess.batch(images[start:start + b], index_offset=start)
+            except ItemError as exc:  # a decoding failure: name the file
+                raise SystemExit(f"fastclip quantize: cannot read image {images[exc.index]}: {exc.reason}") from None
+            yield "image", pixels
         for start in range(0, len(texts), b):
             yield "text", model.tokenizer(texts[start:start + b])
 
@@ -298,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="calibrate int8 on sample images and save an int8 checkpoint")
     p.add_argument("model", help="architecture name")
-    p.add_argument("--pretrained", required=True, help="pretrained tag or fp32 checkpoint path")
+    p.add_argument("--pretrained", default=None, help="pretrained tag or fp32 checkpoint path (with an architecture "
+                   "name; none for a model directory or hub id)")
     p.add_argument("--calibrate", required=True, help="folder of calibration images (searched recursively)")
     p.add_argument("--calibrate-texts", default=None, help="text file, one caption a line (default: built-in set)")
     p.add_argument("--out", required=True, help="output .safetensors file")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .data.naflex import pad_sequences
 from .data.text_batches import plan_batches
 from .errors import ItemError
 
@@ -38,6 +39,27 @@ def _chunks(n: int, batch_size: int):
     return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
 
+def _decoder(method, items: list, on_error: str, raw: bool):
+    """span -> ``method`` (a preprocess's ``batch`` / ``sequences``) of ``items[start:stop]``, with the kept
+    indices made absolute: (prepared, kept indices in ``items``, errors)."""
+    def prepare(span):
+        start, stop = span
+        prepared, idx, errs = method(items[start:stop], on_error=on_error, index_offset=start, raw=raw)
+        return prepared, [start + i for i in idx], errs
+    return prepare
+
+
+def _prefetched(spans: list, prepare):
+    """(span, prepare(span)) for each span in turn; the next span is prepared in a thread (image decoding)
+    while the caller works on this one."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(prepare, spans[0]) if spans else None
+        for i, span in enumerate(spans):
+            result = pending.result()
+            pending = pool.submit(prepare, spans[i + 1]) if i + 1 < len(spans) else None
+            yield span, result
+
+
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
@@ -59,6 +81,7 @@ class EmbeddingMixin:
     fold_pixel_norm = True
     group_texts_by_length = True
     text_window_batches = 16  # texts are sorted within windows of this many batches (bounds memory)
+    image_window_batches = 8  # NaFlex images are sorted by patch count within windows of this many batches
 
     def _finish(self, parts, indices, errors, n: int, on_error: str):
         dim = self.cfg.embed_dim
@@ -78,21 +101,14 @@ class EmbeddingMixin:
         if self.preprocess is None:
             raise RuntimeError("this model has no preprocess; create it with fastclip.load / create_model")
         items = list(items)
+        if hasattr(self.preprocess, "sequences"):  # NaFlex: patch sequences of each image's own length
+            return self._embed_sequences(items, batch_size, progress, on_error)
         spans = _chunks(len(items), batch_size)
         parts, kept, errors = [], [], []
         fold = self.fold_pixel_norm
-
-        def prepare(span):
-            start, stop = span
-            pixels, idx, errs = self.preprocess.batch(items[start:stop], on_error=on_error, index_offset=start,
-                                                      raw=fold)
-            return pixels, [start + i for i in idx], errs
-
-        with ThreadPoolExecutor(max_workers=1) as prefetch, _progress(len(items), progress, "images") as bar:
-            pending = prefetch.submit(prepare, spans[0]) if spans else None
-            for i, span in enumerate(spans):
-                pixels, idx, errs = pending.result()
-                pending = prefetch.submit(prepare, spans[i + 1]) if i + 1 < len(spans) else None
+        with _progress(len(items), progress, "images") as bar:
+            decoded = _prefetched(spans, _decoder(self.preprocess.batch, items, on_error, fold))
+            for span, (pixels, idx, errs) in decoded:
                 errors.extend(errs)
                 if idx:
                     with torch.inference_mode():
@@ -102,9 +118,35 @@ class EmbeddingMixin:
                 bar.update(span[1] - span[0])
         return self._finish(parts, kept, errors, len(items), on_error)
 
+    def _embed_sequences(self, items: list, batch_size: int, progress: bool, on_error: str):
+        """embed_images for a NaFlex model (fastclip/data/naflex.py): within each window of
+        ``batch_size * image_window_batches`` items, images are sorted by patch count and cut into batches
+        of similar lengths (``plan_batches``), each padded only to its longest image; rows go back in input
+        order. The next window is decoded while the current one is encoded."""
+        _chunks(0, batch_size)  # validates batch_size
+        windows = _chunks(len(items), batch_size * self.image_window_batches)
+        parts, kept, errors = [], [], []
+        fold = self.fold_pixel_norm
+        with _progress(len(items), progress, "images") as bar:
+            for _, (seqs, idx, errs) in _prefetched(windows, _decoder(self.preprocess.sequences, items, on_error, fold)):
+                errors.extend(errs)
+                bar.update(len(errs))
+                lengths = [hw[0] * hw[1] for _, hw in seqs]  # patches per image
+                order = sorted(range(len(seqs)), key=lengths.__getitem__)  # stable: ties keep input order
+                out = np.empty((len(seqs), self.cfg.embed_dim), dtype=np.float32)  # (n, E), input order
+                for b0, b1 in plan_batches([lengths[i] for i in order], batch_size):
+                    rows = order[b0:b1]
+                    batch = pad_sequences([seqs[i] for i in rows])  # (b, longest, P*P*3)
+                    with torch.inference_mode():
+                        out[rows] = self._encode_prepared(batch, fold).float().cpu().numpy()
+                    bar.update(len(rows))
+                parts.append(out)
+                kept.extend(idx)
+        return self._finish(parts, kept, errors, len(items), on_error)
+
     def _encode_prepared(self, pixels: torch.Tensor, folded: bool) -> torch.Tensor:
-        """(B, 3, S, S) from ``preprocess.batch`` (uint8 levels if ``folded``, else normalised) -> (B, E),
-        L2-normalised."""
+        """(B, 3, S, S) from ``preprocess.batch``, or a NaflexBatch of patch sequences (uint8 levels if
+        ``folded``, else normalised) -> (B, E), L2-normalised."""
         if not folded:
             return self.encode_image(pixels.to(self.dtype), normalize=True)
         return self.visual.apply_op(pixels.to(self.device), self.ops, normalize=True,

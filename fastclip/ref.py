@@ -106,13 +106,17 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, upcast: bool = False,
-              key_mask: torch.Tensor | None = None):
+              key_mask: torch.Tensor | None = None, rotary: tuple | None = None):
     """softmax(q k^T / sqrt(Dh) [+ causal mask] [+ key mask]) v.
 
     q: (B, H, Lq, Dh), k/v: (B, H, Lk, Dh) -> (B, H, Lq, Dh). With ``causal``, query i sees keys
     0..i (Lq == Lk required). ``key_mask``: (B, Lk) bool, True = a real key; the others are seen by no
     query (padding). A query that sees no key at all gets zeros (as the flash kernels give).
+    ``rotary``: (cos, sin, start), each (at least max(Lq, Lk) - start, Dh/2): q and k rotated first by
+    ``rotary_positions`` (query / key i at position i), which backends fuse into the attention kernel.
     """
+    if rotary is not None:
+        q, k = rotary_positions(q, *rotary), rotary_positions(k, *rotary)
     dtype = q.dtype
     q, k, v = _maybe_upcast(upcast, q, k, v)
     scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, Lq, Lk)
@@ -189,6 +193,17 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0
     x0, x1 = rest.unbind(-1)  # (B, H, L - start, Dh/2) each
     rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).to(dtype)
     return torch.cat([x[..., :start, :], rotated], dim=-2)
+
+
+def rotary_positions(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, op=None) -> torch.Tensor:
+    """``rotary`` of x (B, H, L, Dh) whose token i sits at position i, with angles for positions ``start``
+    onward: cos / sin (N, Dh/2), N >= L - start rows (a pooled query, L = 1 < start, passes unchanged).
+    ``op``: a backend's rotary op in place of this module's."""
+    L = x.shape[-2]
+    first = min(start, L)
+    if cos.shape[0] < L - first:
+        raise ValueError(f"rotary: {L} tokens from position {start} need {L - first} rows of angles, got {cos.shape[0]}")
+    return (op or rotary)(x, cos[:L - first], sin[:L - first], start=first)
 
 
 def _antialias_bilinear_weights(size_in: int, size_out: int) -> torch.Tensor:

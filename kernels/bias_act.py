@@ -12,6 +12,8 @@ Activations (all in fp32, one rounding to the output dtype):
   x * sigmoid(2u), the same function without a tanh intrinsic and without overflow for large |x|
 - ``quick_gelu``: x * sigmoid(1.702 x)            (OpenAI CLIP)
 - ``none``: x (+ bias)
+- ``swiglu`` (gated): x = [gate; value] halves of the last dim (N = 2 x output width), y = silu(gate) * value
+  (EVA-02's SwiGLU MLP: one fc1 GEMM of both halves, then this op)
 
 Tiling heuristic (no autotune; an elementwise op is memory-bound and its best tile is predictable):
 each program handles a (BLOCK_M, BLOCK_N) tile, grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)), so the
@@ -30,20 +32,19 @@ import triton.language as tl
 
 from .interpreter import interpret_bf16, interpreting, round_to
 
-# The activations of fastclip.ref.ACTIVATION_TABLE this kernel implements; the triton op table runs the
-# others (the gated ones) as the reference op (kernels/ops.py).
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
+# The activations of fastclip.ref.ACTIVATION_TABLE this kernel implements (all of them; "swiglu" gated).
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu", "swiglu")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
 def _bias_act_kernel(
-    X,  # (M, N) input, row stride stride_x, unit column stride
-    Bias,  # (N,) bias (any float dtype; unused unless HAS_BIAS)
+    X,  # (M, N) input (gated: (M, 2N) rows [gate; value]), row stride stride_x, unit column stride
+    Bias,  # (N,) bias (gated: (2N,)) (any float dtype; unused unless HAS_BIAS)
     Y,  # (M, N) output, contiguous, x's dtype
-    M, N,  # rows, columns
+    M, N,  # rows, output columns
     stride_x,  # row stride of X (elements)
-    ACT: tl.constexpr,  # "none" | "gelu" | "gelu_tanh" | "quick_gelu"
+    ACT: tl.constexpr,  # "none" | "gelu" | "gelu_tanh" | "quick_gelu" | "swiglu"
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     INTERPRET_BF16: tl.constexpr,  # interpreter-only bf16 rounding fix (see round_to)
@@ -56,7 +57,12 @@ def _bias_act_kernel(
     x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x = x + tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if ACT == "gelu":
+    if ACT == "swiglu":
+        u = tl.load(X + rows64[:, None] * stride_x + N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            u = u + tl.load(Bias + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        x = x * tl.sigmoid(x) * u
+    elif ACT == "gelu":
         x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACT == "gelu_tanh":
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2/pi) * (x + 0.044715 x^3)
@@ -82,6 +88,8 @@ def _check(x: torch.Tensor, bias, act: str) -> None:
     if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu"):
         raise ValueError(f"bias_act: x is on {x.device}; the Triton kernel needs a CUDA tensor "
                          "(or a CPU tensor with TRITON_INTERPRET=1)")
+    if act == "swiglu" and x.shape[-1] % 2:
+        raise ValueError(f"bias_act: gated activation 'swiglu' needs an even last dim (gate, value), got {x.shape[-1]}")
     if bias is not None:
         if bias.shape != (x.shape[-1],):
             raise ValueError(f"bias_act: bias must have shape ({x.shape[-1]},) to match x's last dim, "
@@ -95,7 +103,7 @@ def _launch(x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tenso
     x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    M, N = x2.shape
+    M, N = x2.shape[0], x2.shape[1] // 2 if act == "swiglu" else x2.shape[1]  # N: output columns
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if y.numel():
         cfg = block_config(N)
@@ -105,7 +113,7 @@ def _launch(x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tenso
             ACT=act, HAS_BIAS=bias is not None,
             INTERPRET_BF16=interpret_bf16(x.dtype), **cfg,
         )
-    return y.view(x.shape)
+    return y.view(*x.shape[:-1], N)
 
 
 @torch.library.custom_op("fastclip::bias_act", mutates_args=())
@@ -115,11 +123,13 @@ def _bias_act_op(x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.
 
 @_bias_act_op.register_fake
 def _(x, bias, act):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    width = x.shape[-1] // 2 if act == "swiglu" else x.shape[-1]
+    return x.new_empty((*x.shape[:-1], width))
 
 
 def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, upcast: bool = False) -> torch.Tensor:
-    """act(x + bias).  x: (..., N), bias: (N,) or None -> (..., N) in x's dtype.
+    """act(x + bias).  x: (..., N), bias: (N,) or None -> (..., N) in x's dtype, or (..., N/2) for the
+    gated ``swiglu`` (silu of the first half times the second).
 
     The kernel always computes in fp32; ``upcast`` (the reference ops' test switch) is accepted for
     signature compatibility and changes nothing.

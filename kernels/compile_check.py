@@ -51,7 +51,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-KERNEL_MODULES = ("attention", "layer_norm", "bias_act", "normalize_project", "contrastive_loss",
+KERNEL_MODULES = ("attention", "layer_norm", "bias_act", "normalize_project", "rotary", "contrastive_loss",
                   "contrastive_loss_bwd")
 TARGETS = {"sm_80": (80, "A100", 163 * 1024), "sm_90": (90, "H100", 227 * 1024)}
 _PTXAS_INFO = re.compile(r"Used (\d+) registers")

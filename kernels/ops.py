@@ -18,18 +18,23 @@ from .bias_act import ACTIVATIONS
 from .bias_act import bias_act as bias_act_kernel
 from .layer_norm import _layer_norm_kernel, layer_norm
 from .normalize_project import normalize_project
+from .rotary import rotary as rotary_kernel
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, upcast: bool = False,
-              key_padding_mask: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+              key_padding_mask: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+              rotary: tuple | None = None) -> torch.Tensor:
     """Fused flash attention (kernels/attention.py) with the reference signature.
 
     q: (B, H, Lq, Dh), k/v: (B, H, Lk, Dh) -> (B, H, Lq, Dh). ``upcast`` runs the kernel on fp32 copies.
     ``key_mask`` (B, Lk) bool, True = a real key (the reference's mask) is the kernel's key-padding mask
-    inverted; ``key_padding_mask`` (True = ignored) is the kernel's own.
+    inverted; ``key_padding_mask`` (True = ignored) is the kernel's own. ``rotary`` (cos, sin, start): q and k
+    rotated by position (kernels/rotary.py) before the kernel (see ``fastclip.ref.attention``).
     """
     from .attention import attention_op  # imported on first use: the attention module is the largest
 
+    if rotary is not None:
+        q, k = ref.rotary_positions(q, *rotary, op=rotary_kernel), ref.rotary_positions(k, *rotary, op=rotary_kernel)
     if key_mask is not None:
         if key_padding_mask is not None:
             raise ValueError("attention: pass key_mask or key_padding_mask, not both")
@@ -68,4 +73,5 @@ def op_table() -> dict:
         "bias_act": bias_act,
         "attention": attention,
         "normalize_project": normalize_project,
+        "rotary": rotary_kernel,
     }

@@ -72,7 +72,8 @@ def test_builtin_config_matches_open_clip(name):
             assert _act(theirs.visual.transformer.resblocks[0].mlp.gelu) == cfg.vision.act
         text_blocks = (theirs.text if timm_trunk else theirs).transformer.resblocks  # CustomTextCLIP: .text
         assert _act(text_blocks[0].mlp.gelu) == cfg.text.act
-        assert cfg.preprocess.resize_mode == "shortest" and cfg.tokenizer == "clip"
+        assert cfg.preprocess.resize_mode == "shortest"
+        assert cfg.tokenizer == ("hf" if cfg.text.hf_tokenizer_name else "clip")  # MetaCLIP 2 worldwide: its own
     else:
         assert cfg.family == "siglip" and cfg.tokenizer == "hf" and ours.logit_bias is not None
         assert theirs.visual.trunk.patch_embed.img_size == (cfg.vision.image_size,) * 2

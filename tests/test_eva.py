@@ -133,7 +133,7 @@ def test_bad_timm_configs_are_refused_naming_the_model(vision_cfg, needle):
 
 
 # ---------------------------------------------------------------- the rotary op and its angles
-@pytest.mark.parametrize("backend", ["ref", "cpu"])
+@pytest.mark.parametrize("backend", ["ref", "cpu", "triton"])
 def test_rotary_equals_timms_rotation(backend):
     """ops.rotary on the patch tokens (class token untouched) == timm's apply_rot_embed_cat."""
     gen = torch.Generator().manual_seed(0)
@@ -215,7 +215,7 @@ def test_tiny_eva_matches_open_clip(tiny_names, name, tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["tiny-EVA02-L", "tiny-EVA02-E", "tiny-PE-Core-B"])
 def test_tiny_eva_matches_open_clip_on_triton(tiny_names, name, tmp_path, monkeypatch):
     """The triton table (Triton's interpreter on a CPU, tests/conftest.py): head widths 88 and 112 pad to
-    the kernel's block; rotary runs as the reference op there."""
+    the kernel's block; the rotary kernel rotates q and k before the attention kernel there."""
     up = _tiny_openclip(_tiny_config(*TINY[name]), seed=len(name), monkeypatch=monkeypatch)
     model = _load(name, up, tmp_path / "w.safetensors", "triton")
     assert model.backend == "triton"

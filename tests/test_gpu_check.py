@@ -26,7 +26,7 @@ def test_smoke_run_writes_ok_results(tmp_path):
         failed = [row for row in section["rows"] if row.get("ok") is False or "error" in row]
         assert not failed, (name, failed)
     ops = {row["op"] for row in sections["check"]["rows"]}
-    assert {"attention", "layer_norm", "bias_act", "normalize_project", "clip loss fwd+bwd",
+    assert {"attention", "layer_norm", "bias_act", "rotary", "normalize_project", "clip loss fwd+bwd",
             "siglip loss fwd+bwd"} <= ops
     assert {row["dtype"] for row in sections["check"]["rows"]} == {"fp32", "fp16", "bf16"}
     loss = sections["loss"]["rows"][0]

@@ -29,7 +29,7 @@ from fastclip.data.naflex import NaflexBatch, NaflexConfig, NaflexPreprocess, ta
 from fastclip.errors import CheckpointError
 from fastclip.tolerance import MIN_COSINE, PIXEL_ATOL, UPSTREAM_ATOL, max_abs
 from helpers.device import DEVICE
-from helpers.upstream import _TABLE, make_tokens, perturb_, write_siglip_tokenizer
+from helpers.upstream import _TABLE, make_tokens, save_siglip2_naflex
 
 PATCH, GRID, BUDGET = 8, 8, 48  # 8-pixel patches, an 8 x 8 learned grid, 48 patches per image
 VOCAB, CTX = 300, 16
@@ -52,20 +52,9 @@ def as_batch(inputs) -> NaflexBatch:
 @pytest.fixture(scope="module")
 def hf_naflex(tmp_path_factory):
     """(transformers Siglip2Model perturbed, its Siglip2ImageProcessor, the saved directory)."""
-    cfg = transformers.Siglip2Config(
-        text_config=dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=2,
-                         vocab_size=VOCAB, max_position_embeddings=CTX, projection_size=96, pad_token_id=1,
-                         eos_token_id=1, bos_token_id=None),
-        vision_config=dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
-                           patch_size=PATCH, num_patches=GRID * GRID),
-    )
-    torch.manual_seed(7)
-    model = perturb_(transformers.Siglip2Model(cfg), seed=7)
-    processor = transformers.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=BUDGET)
     directory = tmp_path_factory.mktemp("hf_siglip2")
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    write_siglip_tokenizer(directory, VOCAB)
+    model, processor = save_siglip2_naflex(directory, vision_width=96, text_width=64, patch=PATCH, grid=GRID,
+                                           budget=BUDGET, vocab=VOCAB, context=CTX, seed=7, projection_size=96)
     return model, processor, directory
 
 

@@ -154,5 +154,5 @@ def test_every_builtin_config_builds_through_the_registry():
     for name in builtins:  # (other tests register configs of their own)
         cfg = fastclip.get_model_config(name)
         assert cfg.vision.type in vision and cfg.text.type in text
-        expected = "timm" if name.startswith(("EVA", "PE-Core")) else "vit"
+        expected = "timm" if name.startswith(("EVA", "PE-Core", "MobileCLIP")) else "vit"
         assert cfg.vision.type == expected and cfg.text.type == "clip", name

@@ -7,7 +7,6 @@ from fastclip import ref
 from fastclip.backends import dispatch as ops
 from fastclip.backends import verify
 from fastclip.cli import main
-from fastclip.models.tiny import TINY_CONFIGS
 
 
 def test_verify_cli_passes_and_runs_triton_interpreter(capsys):
@@ -15,7 +14,7 @@ def test_verify_cli_passes_and_runs_triton_interpreter(capsys):
     out = capsys.readouterr().out
     assert "all checks passed" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("triton (interpreter)")]
-    assert len(rows) == len(TINY_CONFIGS) and all(r[-1] == "pass" for r in rows)
+    assert len(rows) == len(verify.VERIFY_CONFIGS) and all(r[-1] == "pass" for r in rows)
     assert [line for line in out.splitlines() if line.startswith("ref")] == []  # fp32 has no baseline row
 
 
@@ -25,7 +24,7 @@ def test_baseline_rows_are_not_counted(monkeypatch, capsys):
     assert verify.main(["bf16"], interpreter=False, gpu_targets=[]) == 1
     out = capsys.readouterr().out
     baseline = [line.split() for line in out.splitlines() if line.startswith("ref (baseline)")]
-    assert len(baseline) == len(TINY_CONFIGS) and all(r[-1] == "baseline" for r in baseline)
+    assert len(baseline) == len(verify.VERIFY_CONFIGS) and all(r[-1] == "baseline" for r in baseline)
     assert "nothing was checked" in out and "pass" not in out
 
 

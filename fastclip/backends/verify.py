@@ -28,10 +28,42 @@ from .dispatch import resolve_backend
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# A tiny SigLIP 2 NaFlex model (image tower type "naflex", fastclip/models/naflex.py): its images are padded
+# patch sequences of mixed shapes (key-padding masks in every layer and in the pooling head).
+NAFLEX_TINY_CONFIGS: dict[str, dict] = {
+    "tiny-naflex": {
+        "embed_dim": 64, "init_logit_bias": -10, "family": "siglip", "tokenizer": "clip",
+        "vision_cfg": {"type": "naflex", "patch_size": 8, "position_grid": 4, "max_num_patches": 24, "width": 64,
+                       "layers": 2, "head_width": 32, "act": "gelu_tanh", "norm_kwargs": {"eps": 1e-6}},
+        "text_cfg": TINY_CONFIGS["tiny-siglip"]["text_cfg"],
+    },
+}
+
+
+# Every model a default run checks.
+VERIFY_CONFIGS: dict[str, dict] = {**TINY_CONFIGS, **NAFLEX_TINY_CONFIGS}
+
+
+def _naflex_pixels(vision, batch: int, gen: torch.Generator):
+    """A NaflexBatch of ``batch`` images of mixed (h, w) patch grids, zero-padded to max_num_patches."""
+    from ..data.naflex import NaflexBatch
+
+    n, grid = vision.max_num_patches, vision.position_grid
+    candidates = [(grid, grid), (max(1, grid // 2), grid + 1), (1, 3), (grid + 1, 1)]
+    shapes = [candidates[b % len(candidates)] for b in range(batch)]
+    shapes = [(h, min(w, n // h)) if h * w > n else (h, w) for h, w in shapes]  # (h, w) within the budget
+    lengths = torch.tensor([h * w for h, w in shapes])
+    mask = torch.arange(n)[None, :] < lengths[:, None]  # (B, N), the real patches first
+    values = torch.randn(batch, n, vision.patch_dim, generator=gen) * mask[..., None]  # (B, N, P*P*3)
+    return NaflexBatch(values, mask, torch.tensor(shapes, dtype=torch.long))
+
 
 def _inputs(cfg, batch: int = 3):
     gen = torch.Generator().manual_seed(0)
-    pixels = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen)
+    if getattr(cfg.vision, "type", None) == "naflex":
+        pixels = _naflex_pixels(cfg.vision, batch, gen)
+    else:
+        pixels = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen)
     L, vocab = cfg.text.context_length, cfg.text.vocab_size
     tokens = torch.randint(1, vocab - 1, (batch, L), generator=gen)
     for row in range(batch):  # end of text (the highest id) at different positions, padding after it
@@ -41,15 +73,17 @@ def _inputs(cfg, batch: int = 3):
 
 
 def _encode(model: CLIP, pixels, tokens):
+    """pixels: (B, 3, S, S) or a NaflexBatch (moved, then cast: its ``to`` takes one target)."""
     with torch.inference_mode():
-        return (model.encode_image(pixels.to(model.device, model.dtype)).float().cpu(),
+        return (model.encode_image(pixels.to(model.device).to(model.dtype)).float().cpu(),
                 model.encode_text(tokens.to(model.device)).float().cpu())
 
 
-def check(backend: str, device: str, precision: str) -> list[dict]:
-    """One row per tiny model: max errors of ``backend`` vs the fp32 reference and pass/fail."""
+def check(backend: str, device: str, precision: str, configs: dict[str, dict] | None = None) -> list[dict]:
+    """One row per tiny model (``configs``: name -> OpenCLIP-shaped dict, default VERIFY_CONFIGS): max errors of
+    ``backend`` vs the fp32 reference and pass/fail."""
     rows = []
-    for name, raw in TINY_CONFIGS.items():
+    for name, raw in (VERIFY_CONFIGS if configs is None else configs).items():
         cfg = parse_config(name, raw)
         reference = CLIP(cfg, backend="ref").init_random(seed=0).eval()
         pixels, tokens = _inputs(cfg)

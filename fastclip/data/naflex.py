@@ -31,7 +31,7 @@ from ..errors import ImageLoadError
 from .images import load_image, map_items
 from .preprocess import INCEPTION_MEAN, INCEPTION_STD, Preprocess, PreprocessConfig, hf_resample
 
-__all__ = ["NaflexConfig", "NaflexBatch", "NaflexPreprocess", "batch_of_pixels", "target_size"]
+__all__ = ["NaflexConfig", "NaflexBatch", "NaflexPreprocess", "batch_of_pixels", "pad_sequences", "target_size"]
 
 
 @dataclass(frozen=True)
@@ -180,38 +180,55 @@ class NaflexPreprocess:
         a, hw = self.levels(load_image(image))
         return self._patches(a, hw, raw=False), hw
 
-    def batch(self, items: Sequence[Any], *, on_error: str = "raise", progress: bool = False,
-              index_offset: int = 0, raw: bool = False) -> tuple[NaflexBatch, list[int], list[ImageLoadError]]:
-        """Decode + preprocess many items in threads -> (NaflexBatch of the items that loaded, their indices in
-        ``items``, the errors of the others) -- the contract of ``Preprocess.batch``. Sequences are padded to
-        ``max_num_patches``; ``raw=True``: uint8 patches of levels (see ``pixel_norm``)."""
-        n, D = self.cfg.max_num_patches, 3 * self.cfg.patch_size**2
-        dtype = torch.uint8 if raw else torch.float32
-        values = torch.zeros(len(items), n, D, dtype=dtype)  # (B, N, P*P*3), zero padding as the processor's
-        shapes = torch.zeros(len(items), 2, dtype=torch.long)  # (B, 2)
-
+    def sequences(self, items: Sequence[Any], *, on_error: str = "raise", progress: bool = False,
+                  index_offset: int = 0, raw: bool = False
+                  ) -> tuple[list[tuple[torch.Tensor, tuple[int, int]]], list[int], list[ImageLoadError]]:
+        """Decode + preprocess many items in threads, unpadded -> ([(patches (h*w, P*P*3), (h, w))] of the
+        items that loaded, their indices in ``items``, the errors of the others). ``raw=True``: uint8 levels."""
         def one(item, i):
             a, hw = self.levels(load_image(item, index=index_offset + i))
-            values[i, : hw[0] * hw[1]] = self._patches(a, hw, raw)
-            shapes[i] = torch.tensor(hw)
-            return True
+            return self._patches(a, hw, raw), hw
 
         results, errors = map_items(one, items, threads=self.threads, on_error=on_error, progress=progress,
                                     desc="preprocess")
         kept = [i for i, r in enumerate(results) if r is not None]
-        if len(kept) < len(items):
-            values, shapes = values[kept], shapes[kept]
-        mask = torch.arange(n)[None, :] < shapes.prod(-1)[:, None]  # (B, N)
-        return NaflexBatch(values, mask, shapes), kept, errors
+        return [results[i] for i in kept], kept, errors
+
+    def batch(self, items: Sequence[Any], *, on_error: str = "raise", progress: bool = False,
+              index_offset: int = 0, raw: bool = False) -> tuple[NaflexBatch, list[int], list[ImageLoadError]]:
+        """Decode + preprocess many items in threads -> (NaflexBatch of the items that loaded, their indices in
+        ``items``, the errors of the others) -- the contract of ``Preprocess.batch``. Sequences are padded to
+        ``max_num_patches``, as the processor pads them; ``raw=True``: uint8 patches of levels (see ``pixel_norm``)."""
+        seqs, kept, errors = self.sequences(items, on_error=on_error, progress=progress, index_offset=index_offset,
+                                            raw=raw)
+        dtype = torch.uint8 if raw else torch.float32
+        return pad_sequences(seqs, self.cfg.max_num_patches, 3 * self.cfg.patch_size**2, dtype), kept, errors
 
 
-def attach_naflex_preprocess(model, preprocessor_file: Path):
+def pad_sequences(seqs: Sequence[tuple[torch.Tensor, tuple[int, int]]], length: int | None = None,
+                  patch_dim: int | None = None, dtype: torch.dtype | None = None) -> NaflexBatch:
+    """[(patches (h*w, D), (h, w))] -> NaflexBatch (B, N, D) zero-padded to ``length`` (default: the longest
+    sequence, so a batch of similar sizes carries little padding); ``patch_dim`` / ``dtype`` for an empty list."""
+    lengths = [hw[0] * hw[1] for _, hw in seqs]
+    n = max(lengths, default=0) if length is None else length
+    if lengths and max(lengths) > n:
+        raise ValueError(f"a sequence of {max(lengths)} patches does not fit a padded length of {n}")
+    D = seqs[0][0].shape[-1] if seqs else patch_dim
+    values = torch.zeros(len(seqs), n, D, dtype=seqs[0][0].dtype if seqs else dtype)  # (B, N, D)
+    for i, (patches, _) in enumerate(seqs):
+        values[i, : patches.shape[0]] = patches
+    shapes = torch.tensor([list(hw) for _, hw in seqs], dtype=torch.long).reshape(len(seqs), 2)  # (B, 2)
+    mask = torch.arange(n)[None, :] < shapes.prod(-1)[:, None]  # (B, N)
+    return NaflexBatch(values, mask, shapes)
+
+
+def attach_naflex_preprocess(model, preprocessor_file: Path | None = None):
     """Give a model with a NaFlex image tower its NaflexPreprocess: from a ``Siglip2ImageProcessor``
-    preprocessor_config.json when there is one, else the tower's patch size and budget with the model's
-    mean / std. Returns the model."""
+    preprocessor_config.json when there is one, else (or with no file, e.g. random weights) the tower's patch
+    size and budget with the model's mean / std. Returns the model."""
     vision, spec = model.cfg.vision, model.cfg.preprocess
     default = NaflexConfig(vision.patch_size, vision.max_num_patches, tuple(spec.mean), tuple(spec.std))
-    cfg = NaflexConfig.from_file(preprocessor_file, default)
+    cfg = default if preprocessor_file is None else NaflexConfig.from_file(preprocessor_file, default)
     if cfg.patch_size != vision.patch_size:
         raise ValueError(f"{preprocessor_file}: patch_size {cfg.patch_size} differs from the model's "
                          f"{vision.patch_size}")

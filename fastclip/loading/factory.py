@@ -14,7 +14,7 @@ from ..backends import int8 as quant
 from ..errors import CheckpointError, UnknownModelError
 from ..models.clip import CLIP
 from ..models.config import ModelConfig, get_model_config, list_models, parse_config
-from . import hub, keymaps, keymaps_eva
+from . import hub, keymaps, keymaps_eva, keymaps_eva_baai, keymaps_mobileclip
 from .checkpoints import read_state_dict
 
 # "int8": fp32 master weights, linear layers packed as int8 after loading (fastclip/backends/int8.py)
@@ -161,7 +161,12 @@ def create_model(name: str, device="cpu", precision: str = "fp32", backend: str 
     _check_precision(precision, device, backend)
     cfg = get_model_config(name)
     model = CLIP(cfg, backend="ref").init_random(seed).to(device=device, dtype=_dtype(precision)).eval()
-    return _attach_io(_finish(model, precision, backend), None)
+    model = _attach_io(_finish(model, precision, backend), None)
+    if getattr(cfg.vision, "type", None) == "naflex":  # SigLIP 2 NaFlex: patch-budget preprocessing
+        from ..data.naflex import attach_naflex_preprocess
+
+        model = attach_naflex_preprocess(model)
+    return model
 
 
 def _with_quick_gelu(cfg: ModelConfig) -> ModelConfig:
@@ -191,6 +196,8 @@ def _load_hf_dir(directory: Path, cfg: ModelConfig | None, device, precision, ba
     from ..data.preprocess import PreprocessConfig
 
     hf_cfg = json.loads((directory / "config.json").read_text())
+    if keymaps_eva.is_timm_trunk_config(hf_cfg):  # timm/<trunk>.<tag>: an image trunk alone
+        raise CheckpointError(keymaps_eva.timm_trunk_repo_error(directory, hf_cfg))
     cfg = cfg or keymaps.config_from_hf(hf_cfg, name or hf_cfg.get("_name_or_path") or directory.name)
     weights = _weights_file_of(directory)
     sd = keymaps.from_hf(_read_weights(weights, trust), cfg)
@@ -222,10 +229,16 @@ def _from_state_dict(cfg: ModelConfig, sd: dict, source: str, device, precision,
         sd = keymaps.from_hf(sd, cfg)
     elif keymaps_eva.is_openclip_eva_layout(sd):
         sd = keymaps_eva.from_openclip_eva(sd)
+    elif keymaps_mobileclip.is_openclip_mci_layout(sd):  # MobileCLIP2-B: a timm trunk with a convolutional stem
+        sd = keymaps_mobileclip.from_openclip_mci(sd)
+    elif keymaps_eva_baai.is_baai_eva_layout(sd):  # BAAI EVA-CLIP release files
+        sd = keymaps_eva_baai.from_baai_eva(sd)
     elif keymaps.is_openclip_layout(sd):
         sd = keymaps.from_openclip(sd)
     elif ("visual.conv1.weight" in sd and "text.token_embedding.weight" in sd) or keymaps_eva.is_fastclip_eva_layout(sd):
         pass  # fastclip's own names: torch.save(model.state_dict()) of a fastclip model
+    elif keymaps_mobileclip.is_fastclip_mci_layout(sd):
+        pass  # fastclip's own names of a model with a convolutional stem
     else:
         raise CheckpointError(
             f"checkpoint {source} is neither an OpenAI/OpenCLIP nor a Hugging Face CLIP/SigLIP state dict "
@@ -245,8 +258,27 @@ def _load_int8_file(path: Path, cfg: ModelConfig | None, device, precision, back
             raise UnknownModelError(f"{path} is an int8 checkpoint of {name!r}, which is not a registered architecture; "
                                     f"add its config (fastclip.add_model_config) or load({name!r}, pretrained=...)")
         cfg = get_model_config(name)
-    return quantize.load_int8_file(
-        path, lambda sd, p: _from_state_dict(cfg, sd, str(path), device, p, backend), precision, backend)
+    def build(sd: dict, p: str) -> CLIP:  # the file holds fastclip's own names: no key map
+        return _attach_hub_tokenizer(_attach_io(_build(cfg, sd, str(path), device, p, backend), None))
+
+    return quantize.load_int8_file(path, build, precision, backend)
+
+
+def _load_dir_int8(directory: Path, path: Path, device, precision, backend, trust) -> CLIP:
+    """``load(model_dir, pretrained=int8_file)``: the int8 file ``fastclip quantize`` wrote for a model directory
+    (a transformers / OpenCLIP directory has no registered architecture name), with the directory's config,
+    tokenizer and preprocessing."""
+    from .. import quantize
+
+    if not quantize.is_int8_file(path):
+        raise CheckpointError(f"load({str(directory)!r}, pretrained={str(path)!r}): a model directory takes no "
+                              f"pretrained= other than an int8 file written for it by `fastclip quantize`")
+    base = _load_path(directory, device, "fp32", "ref", trust)
+    model = _load_int8_file(path, base.cfg, device, precision, backend)
+    for io in ("preprocess", "tokenizer", "tokenizer_missing"):
+        if hasattr(base, io):
+            setattr(model, io, getattr(base, io))
+    return model
 
 
 def _load_path(path: Path, device, precision, backend, trust, name: str | None = None) -> CLIP:
@@ -265,6 +297,8 @@ def _load_path(path: Path, device, precision, backend, trust, name: str | None =
     sd = read_state_dict(path, trust=trust)
     if keymaps.is_hf_layout(sd):
         raise CheckpointError(f"{path} is a Hugging Face state dict: load its directory (with config.json) instead")
+    if keymaps_eva_baai.is_baai_eva_layout(sd):
+        raise CheckpointError(keymaps_eva_baai.needs_name(str(path), sd))
     try:
         cfg = keymaps.infer_openai_config(sd, name=path.stem)
     except CheckpointError as exc:
@@ -294,6 +328,8 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
     name = os.fspath(name_or_path)
     if pretrained is None and Path(name).exists():
         return _load_path(Path(name), device, precision, backend, trust)
+    if pretrained is not None and Path(name).is_dir():
+        return _load_dir_int8(Path(name), Path(os.fspath(pretrained)).expanduser(), device, precision, backend, trust)
     if name.startswith("hf-hub:"):
         repo_id = name[len("hf-hub:"):]
         return _load_path(hub.download_repo(repo_id), device, precision, backend, trust, repo_id)

@@ -3,7 +3,9 @@
 ``pretrained.json`` maps OpenCLIP's architecture names and tags (``openai``, ``laion2b_s34b_b79k``,
 ``datacomp_xl_s13b_b90k``, ``webli``, ...) to the hub repositories that publish those weights:
 OpenCLIP-format repos (``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``) or
-transformers-format repos (``config.json`` + ``model.safetensors``).
+transformers-format repos (``config.json`` + ``model.safetensors``). The SigLIP 2 NaFlex names
+(``ViT-B-16-SigLIP2-naflex``, ``ViT-SO400M-16-SigLIP2-naflex``: open_clip has no NaFlex configs; theirs are in
+fastclip/models/naflex.py) map ``webli`` to Google's transformers repos ``google/siglip2-*-patch16-naflex``.
 
 Before any download the hub endpoint (``huggingface_hub.constants.ENDPOINT``, i.e. HF_ENDPOINT, or the
 proxy configured for it) gets one TCP connect of PROBE_TIMEOUT_S. With HF_HUB_OFFLINE set or the endpoint

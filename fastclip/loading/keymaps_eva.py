@@ -84,3 +84,27 @@ def from_openclip_eva(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     mapped = {"visual." + k: v for k, v in out.items()}
     mapped.update(keymaps.from_openclip(rest))
     return mapped
+
+
+def is_timm_trunk_config(hf_cfg: dict) -> bool:
+    """A timm model repo's config.json (``architecture``, no transformers ``model_type``), e.g.
+    timm/eva02_base_patch16_clip_224.merged2b: an image trunk alone, without a text tower."""
+    return "architecture" in hf_cfg and "model_type" not in hf_cfg
+
+
+def timm_trunk_repo_error(directory, hf_cfg: dict) -> str:
+    """Why a timm image-trunk repo does not load, naming the OpenCLIP repos (both towers) of that trunk."""
+    from ..models.config import get_model_config
+    from . import hub
+
+    arch = hf_cfg.get("architecture")
+    tag = str((hf_cfg.get("pretrained_cfg") or {}).get("tag") or "")
+    found = [(name, t) for name, t in hub.list_pretrained()
+             if getattr(get_model_config(name).vision, "timm_model_name", None) == arch]
+    found.sort(key=lambda nt: not (tag and nt[1].startswith(tag)))  # the same training run first
+    instead = "; ".join(f"fastclip.load({n!r}, pretrained={t!r}) (hf-hub:{hub.pretrained_entry(n, t)['hf_hub']})"
+                        for n, t in found)
+    hint = (f"load the OpenCLIP repo of this trunk instead: {instead}" if found else
+            "load an OpenCLIP repo with this trunk (open_clip_config.json + open_clip_model.safetensors) instead")
+    return (f"{directory} is a timm image-model repo (config.json architecture {arch!r}): it holds an image "
+            f"trunk without a text tower, and fastclip models need both; {hint}")

@@ -50,7 +50,7 @@ class ModelConfig:
     family: str = "clip"  # "clip" (InfoNCE, softmax) or "siglip" (sigmoid, logit_bias)
     init_logit_bias: float | None = None
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
-    tokenizer: str = "clip"  # "clip" (bundled BPE) or "hf" (the checkpoint's own tokenizer files)
+    tokenizer: str = "clip"  # "clip" (bundled BPE) or "hf" (the checkpoint's tokenizer files, or hf_tokenizer_name's)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +78,8 @@ def parse_config(name: str, raw: dict) -> ModelConfig:
         resize_mode=pre.get("resize_mode", default_pre.resize_mode),
         interpolation=pre.get("interpolation", default_pre.interpolation),
     )
-    tokenizer = raw.get("tokenizer", "clip" if family == "clip" else "hf")
+    # "hf" also when the text tower names a Hugging Face tokenizer repo (MetaCLIP 2: text_cfg.hf_tokenizer_name)
+    tokenizer = raw.get("tokenizer", "clip" if family == "clip" and not getattr(text, "hf_tokenizer_name", None) else "hf")
     bias = raw.get("init_logit_bias")
     return ModelConfig(name, embed_dim, vision, text, family, None if bias is None else float(bias), preprocess, tokenizer)
 
@@ -108,6 +109,7 @@ def _ensure_builtins() -> None:
     if not _REGISTRY:
         for path in sorted(_BUILTIN_DIR.glob("*.json")):
             _register_file(path)
+        _REGISTRY.update(_naflex_tower.NAMED_CONFIGS)  # SigLIP 2 NaFlex: no open_clip config to mirror as a file
 
 
 def add_model_config(path: str | os.PathLike) -> list[str]:

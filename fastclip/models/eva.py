@@ -10,7 +10,8 @@ override some of them with ``vision_cfg.timm_model_kwargs`` (timm's keyword name
 A block (timm's ``EvaBlock``; ``EvaBlockPostNorm`` with ``post_norm``):
 
 * attention: one packed q/k/v projection ``attn.qkv`` (3W, W) whose bias holds q's and v's bias and zeros for
-  k; 2-D rotary position embeddings (``ops.rotary``) on the patch tokens' q and k, not on the class token;
+  k; 2-D rotary position embeddings on the patch tokens' q and k (``ops.attention(rotary=...)``: the cpu
+  backend rotates them inside its attention kernel), not on the class token;
   an optional sub-LayerNorm ``attn.norm`` on the attention output before ``attn.proj``;
 * MLP: ``mlp.fc1`` (W -> M, or 2M rows [gate; value] for SwiGLU: silu(gate) * value), an optional
   sub-LayerNorm ``mlp.norm`` on the hidden layer, ``mlp.fc2`` (M -> W);
@@ -19,12 +20,17 @@ A block (timm's ``EvaBlock``; ``EvaBlockPostNorm`` with ``post_norm``):
 Perception Encoder adds a LayerNorm before the blocks (``norm_pre``), full q/k/v biases and an
 attention-pooling head (``attn_pool``, fastclip's AttentionPool) over the final tokens.
 
+MobileCLIP2's trunks are timm's ``VisionTransformer`` (full q/k/v biases, GELU MLP): MobileCLIP2-L-14 with the
+LayerNorm before the blocks; MobileCLIP2-B with a convolutional stem for the patch embedding (``stem``,
+fastclip/models/mobileclip.py) and position embeddings on the patch tokens only (``no_embed_class``).
+
 Parameter names are timm's (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}.*``, ``norm``)
 except the packed ``attn.qkv`` / ``mlp.fc1`` and the head, held as ``proj`` (W, E) and ``proj_bias`` (E,);
 fastclip/loading/keymaps_eva.py maps OpenCLIP's ``visual.trunk.*`` onto them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +38,7 @@ from torch import nn
 
 from ..backends.dispatch import OpTable
 from ..backends.weight_packs import DerivedWeights
+from .mobileclip import ConvStem
 from .registry import register_tower
 from .transformer import AttentionPool, LayerNorm
 from .vit import PixelNorm, fold_pixel_norm
@@ -59,13 +66,21 @@ TIMM_TRUNKS: dict[str, dict] = {
     "vit_pe_core_gigantic_patch14_448": dict(_PE, img_size=448, patch_size=14, embed_dim=1536, depth=50, num_heads=16,
                                              mlp_ratio=8960 / 1536, class_token=False, ref_feat_shape=32,
                                              rope_grid_offset=0.0),
+    # MobileCLIP2: timm's VisionTransformer (full q/k/v bias, GELU MLP); L-14 with a LayerNorm before the blocks
+    "vit_large_patch14_clip_224": dict(img_size=224, patch_size=14, embed_dim=1024, depth=24, num_heads=16,
+                                       use_pre_transformer_norm=True, norm_eps=1e-5),
+    # MobileCLIP2-B: a convolutional stem (models/mobileclip.py; (kernel = stride, channels) per stage, 16x16 per
+    # token) and positions on the patch tokens only (timm no_embed_class)
+    "vit_base_mci_224": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, no_embed_class=True,
+                             conv_stem=((4, 192), (2, 192), (2, 768))),
 }
 # Keywords a config's timm_model_kwargs may override (the rest of a trunk's definition is fixed).
 OVERRIDABLE = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 _TRUNK_DEFAULTS = dict(qkv_fused=True, mlp_ratio=4.0, swiglu_mlp=False, scale_mlp=False, scale_attn_inner=False,
                        use_rot_pos_emb=False, ref_feat_shape=None, rope_grid_offset=0.0, rope_grid_indexing="ij",
                        use_post_norm=False, use_pre_transformer_norm=False, global_pool="token",
-                       attn_pool_num_heads=None, attn_pool_mlp_ratio=None, norm_eps=1e-6, class_token=True)
+                       attn_pool_num_heads=None, attn_pool_mlp_ratio=None, norm_eps=1e-6, class_token=True,
+                       no_embed_class=False, conv_stem=())
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,8 @@ class EvaConfig:
     pool_heads: int = 0  # attention pooling heads ("map")
     pool_mlp_width: int = 0  # attention pooling MLP width ("map")
     class_token: bool = True  # a class token first (no rotary embedding, its own position embedding)
+    no_embed_class: bool = False  # position embeddings for the patch tokens only (timm no_embed_class)
+    stem: tuple = ()  # a convolutional stem's (kernel = stride, out channels) per stage (mobileclip.py), or ()
     type: str = "timm"
 
     @property
@@ -107,6 +124,11 @@ class EvaConfig:
     @property
     def num_tokens(self) -> int:
         return self.grid**2 + int(self.class_token)
+
+    @property
+    def pos_tokens(self) -> int:
+        """Rows of ``pos_embed``: every token, or the patch tokens only with ``no_embed_class``."""
+        return self.grid**2 + int(self.class_token and not self.no_embed_class)
 
 
 def parse_eva_config(name: str, raw: dict, quick_gelu: bool) -> EvaConfig:
@@ -141,6 +163,7 @@ def parse_eva_config(name: str, raw: dict, quick_gelu: bool) -> EvaConfig:
         ln_pre=bool(t["use_pre_transformer_norm"]), pool=t["global_pool"],
         pool_heads=int(t["attn_pool_num_heads"] or heads),
         pool_mlp_width=int(width * (t["attn_pool_mlp_ratio"] or t["mlp_ratio"])), class_token=bool(t["class_token"]),
+        no_embed_class=bool(t["no_embed_class"]), stem=tuple((int(k), int(c)) for k, c in t["conv_stem"]),
     )
     if "image_size" in raw and int(raw["image_size"]) != cfg.image_size:
         problems.append(f"image_size {raw['image_size']} differs from the trunk's img_size {cfg.image_size}")
@@ -152,6 +175,8 @@ def parse_eva_config(name: str, raw: dict, quick_gelu: bool) -> EvaConfig:
         problems.append("timm_pool 'token' needs a class token")
     if cfg.pool == "map" and width % cfg.pool_heads:
         problems.append(f"embed_dim {width} is not a multiple of attn_pool_num_heads {cfg.pool_heads}")
+    if cfg.stem and (math.prod(k for k, _ in cfg.stem) != cfg.patch_size or cfg.stem[-1][1] != width):
+        problems.append(f"conv stem {cfg.stem} must span patch_size {cfg.patch_size} and end at embed_dim {width}")
     if cfg.image_size < cfg.patch_size:
         problems.append(f"img_size {cfg.image_size} is smaller than patch_size {cfg.patch_size}")
     if problems:
@@ -215,9 +240,8 @@ class EvaAttention(nn.Module):
     def self_attention(self, x: torch.Tensor, ops: OpTable, rope) -> torch.Tensor:
         """x: (B, L, W), rope: (cos, sin) (L - prefix, Dh/2) or None -> (B, L, W)."""
         q, k, v = self._heads(ops.linear(x, self.qkv.weight, self.qkv.bias), 3)  # (B, H, L, Dh) each
-        if rope is not None:
-            q, k = ops.rotary(q, *rope, start=self.prefix), ops.rotary(k, *rope, start=self.prefix)
-        return self._output(ops.attention(q, k, v), ops)
+        rotary = None if rope is None else (*rope, self.prefix)  # q and k rotated inside the attention op
+        return self._output(ops.attention(q, k, v, rotary=rotary), ops)
 
     def pooled_attention(self, x: torch.Tensor, ops: OpTable, rope) -> torch.Tensor:
         """The class token's row of ``self_attention``: its query over every token's key and value.
@@ -225,9 +249,8 @@ class EvaAttention(nn.Module):
         (wq, bq), (wkv, bkv) = self._split_q_kv()
         q = self._heads(ops.linear(x[:, :1], wq, bq), 1)[0]  # (B, H, 1, Dh)
         k, v = self._heads(ops.linear(x, wkv, bkv), 2)  # (B, H, L, Dh) each
-        if rope is not None:
-            k = ops.rotary(k, *rope, start=self.prefix)
-        return self._output(ops.attention(q, k, v), ops)[:, 0]
+        rotary = None if rope is None else (*rope, self.prefix)  # the query sits at position 0 < prefix: unrotated
+        return self._output(ops.attention(q, k, v, rotary=rotary), ops)[:, 0]
 
 
 class EvaMlp(nn.Module):
@@ -307,9 +330,11 @@ class EvaVisionTower(nn.Module):
         self.cfg = cfg
         self.trim_last_block = True  # exact; False runs the last block on every token (tests, benchmarks)
         w = cfg.width
-        self.patch_embed = PatchEmbed(w, cfg.patch_size, bias=not cfg.ln_pre)
+        self.patch_embed = ConvStem(cfg.stem) if cfg.stem else PatchEmbed(w, cfg.patch_size, bias=not cfg.ln_pre)
+        if cfg.stem:  # the stem lists its own convolutions
+            self.int8_exempt = tuple(n for n in type(self).int8_exempt if not n.startswith("patch_embed."))
         self.cls_token = nn.Parameter(torch.empty(1, 1, w)) if cfg.class_token else None
-        self.pos_embed = nn.Parameter(torch.empty(1, cfg.num_tokens, w))
+        self.pos_embed = nn.Parameter(torch.empty(1, cfg.pos_tokens, w))
         self.norm_pre = LayerNorm(w, eps=cfg.norm_eps) if cfg.ln_pre else None
         self.blocks = nn.ModuleList([EvaBlock(cfg) for _ in range(cfg.layers)])
         self.norm = LayerNorm(w, eps=cfg.norm_eps)
@@ -330,6 +355,8 @@ class EvaVisionTower(nn.Module):
     def patch_tokens(self, pixels: torch.Tensor, ops: OpTable, pixel_norm: PixelNorm | None = None) -> torch.Tensor:
         """pixels: (B, 3, S, S) -> patch tokens (B, grid*grid, W): the convolution as one ``ops.linear`` over
         flattened patches (as in vit.py); with ``pixel_norm``, raw uint8 levels and folded weights."""
+        if self.cfg.stem:
+            return self.patch_embed.apply_op(pixels, ops, pixel_norm)
         B, P, g, W = pixels.shape[0], self.cfg.patch_size, self.cfg.grid, self.cfg.width
         conv = self.patch_embed.proj
         if pixel_norm is None:
@@ -351,9 +378,12 @@ class EvaVisionTower(nn.Module):
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
             raise ValueError(f"expected pixels of shape (B, {', '.join(map(str, expected))}), got {tuple(pixels.shape)}")
         x = self.patch_tokens(pixels, ops, pixel_norm)  # (B, g², W)
+        if cfg.no_embed_class:  # positions of the patch tokens only; the class token has none
+            x = x + self.pos_embed.to(x.dtype)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + g², W)
-        x = x + self.pos_embed.to(x.dtype)
+        if not cfg.no_embed_class:
+            x = x + self.pos_embed.to(x.dtype)
         if self.norm_pre is not None:
             x = self.norm_pre.apply_op(x, ops)
         rope = self.rope(x.device)

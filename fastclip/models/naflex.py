@@ -183,3 +183,27 @@ class NaflexVisionTransformer(nn.Module):
 
 
 register_tower("vision", "naflex", parse_naflex_config, NaflexVisionTransformer)
+
+
+def _siglip2_naflex(width: int, layers: int, heads: int, mlp_width: int) -> dict:
+    """The OpenCLIP-shaped config of a transformers SigLIP 2 NaFlex repo: both towers of the same size, a
+    16-pixel patch, a 16 x 16 position grid, a 256-patch budget, Gemma's 256k vocabulary and 64 tokens."""
+    tower = {"width": width, "layers": layers, "mlp_ratio": mlp_width / width, "act": "gelu_tanh",
+             "norm_kwargs": {"eps": 1e-6}}
+    return {
+        "embed_dim": width, "init_logit_bias": -10, "family": "siglip", "tokenizer": "hf",
+        "vision_cfg": {**tower, "type": "naflex", "patch_size": 16, "position_grid": 16, "max_num_patches": 256,
+                       "head_width": width // heads},
+        "text_cfg": {**tower, "context_length": 64, "vocab_size": 256000, "heads": heads, "no_causal_mask": True,
+                     "pool_type": "last", "proj_bias": True},
+        "preprocess": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "squash"},  # NaFlex:
+        # only mean / std apply (data/naflex.py resizes to the patch budget, as the repo's processor config says)
+    }
+
+
+# Named NaFlex architectures (open_clip has no NaFlex configs): registered beside configs/*.json, their
+# weights are the transformers repos of loading/pretrained.json (google/siglip2-*-naflex, tag "webli").
+NAMED_CONFIGS: dict[str, dict] = {
+    "ViT-B-16-SigLIP2-naflex": _siglip2_naflex(768, 12, 12, 3072),
+    "ViT-SO400M-16-SigLIP2-naflex": _siglip2_naflex(1152, 27, 16, 4304),
+}

@@ -232,6 +232,26 @@ def write_siglip_tokenizer(directory: Path, vocab_size: int = SIGLIP_VOCAB) -> N
     transformers.SiglipTokenizer(vocab_file=str(model_file)).save_pretrained(directory)
 
 
+def save_siglip2_naflex(directory: Path, *, vision_width: int, text_width: int, patch: int, grid: int, budget: int,
+                       vocab: int, context: int, seed: int, **text_extra):
+    """A tiny perturbed transformers Siglip2Model with a NaFlex vision config, its Siglip2ImageProcessor
+    (``budget`` = max_num_patches) and a sentencepiece tokenizer saved in ``directory`` -> (model, processor)."""
+    cfg = transformers.Siglip2Config(
+        text_config=dict(hidden_size=text_width, intermediate_size=112, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=vocab, max_position_embeddings=context, pad_token_id=1, eos_token_id=1,
+                         bos_token_id=None, **text_extra),
+        vision_config=dict(hidden_size=vision_width, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
+                           patch_size=patch, num_patches=grid * grid),
+    )
+    torch.manual_seed(seed)
+    model = perturb_(transformers.Siglip2Model(cfg), seed=seed).eval()
+    processor = transformers.Siglip2ImageProcessor(patch_size=patch, max_num_patches=budget)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    write_siglip_tokenizer(directory, vocab)
+    return model, processor
+
+
 def save_hf_dir(up: Upstream, directory: Path) -> Path:
     """save_pretrained + tokenizer files + preprocessor_config.json, as a hub repo holds them."""
     model = up.model

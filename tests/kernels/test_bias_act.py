@@ -43,7 +43,8 @@ def test_matches_reference(dtype, act, shape, has_bias, record_error):
     x, bias = _inputs(shape, dtype)
     bias = bias if has_bias else None
     y = bias_act(x, bias, act)
-    assert y.shape == x.shape and y.dtype == dtype
+    width = shape[-1] // 2 if act == "swiglu" else shape[-1]  # swiglu: silu(first half) * second half
+    assert y.shape == (*shape[:-1], width) and y.dtype == dtype
     wide = tolerance.wider(dtype)
     expected = ref.bias_act(x.to(wide), None if bias is None else bias.to(wide), act)
     ref_low = ref.bias_act(x, bias, act)
@@ -65,8 +66,9 @@ def test_strided_rows_and_fp32_bias(dtype, record_error):
 def test_empty_and_custom_op():
     assert bias_act(torch.empty(0, 8, device=DEVICE), torch.zeros(8, device=DEVICE), "gelu").shape == (0, 8)
     x, b = _inputs((4, 40), torch.float32)
-    torch.library.opcheck(torch.ops.fastclip.bias_act.default, (x, b, "quick_gelu"),
-                          test_utils=("test_schema", "test_faketensor"))
+    for act in ("quick_gelu", "swiglu"):
+        torch.library.opcheck(torch.ops.fastclip.bias_act.default, (x, b, act),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -79,6 +81,8 @@ def test_bad_inputs_raise_clear_errors():
         bias_act(x.to(torch.int32), None, "none")
     with pytest.raises(ValueError, match="at least one dim"):
         bias_act(torch.tensor(1.0, device=DEVICE), None, "gelu")
+    with pytest.raises(ValueError, match="'swiglu' needs an even last dim"):
+        bias_act(x[:, :39], None, "swiglu")
     with pytest.raises(ValueError, match="bias must be a float tensor"):
         bias_act(x, torch.zeros(40, dtype=torch.int64, device=DEVICE), "gelu")
 

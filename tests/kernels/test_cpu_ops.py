@@ -169,6 +169,22 @@ def test_bias_act_extremes(act, record_error):
     assert_close(cpu_ops.bias_act(inf, None, act), want, rtol=0, atol=0, equal_nan=True)  # limits are exact
 
 
+@pytest.mark.parametrize("N", [2730, 1366, 16, 2])  # SwiGLU widths 2 x 1365 (EVA02-B), 2 x 683, short rows
+def test_bias_act_gated(N, record_error):
+    """swiglu: silu(gate) * value of the halves [gate; value] (N -> N/2), with and without bias, from rows of
+    a wider tensor; extreme gates (exp under/overflow) included."""
+    x = (torch.randn(5, 9, N + 6, generator=gen(N)) * 4)[..., 3:N + 3]  # row stride N + 6
+    x[0, 0, : N // 2] = torch.linspace(-1e4, 1e4, N // 2)
+    bias = torch.randn(N, generator=gen(N + 1))
+    for b in (bias, None):
+        got = cpu_ops.bias_act(x, b, "swiglu")
+        assert got.shape == (5, 9, N // 2)
+        check(record_error, "cpu bias_act", got, ref.bias_act, x, b, "swiglu")
+    w = torch.randn(N, 48, generator=gen(2))  # the MLP's fc1: the GEMM, then the gate kernel
+    h = torch.randn(3, 7, 48, generator=gen(3))
+    check(record_error, "cpu linear_act", cpu_ops.linear_act(h, w, bias, "swiglu"), ref.linear_act, h, w, bias, "swiglu")
+
+
 def test_bias_act_strided_input(record_error):
     x = torch.randn(6, 3100, generator=gen(0))[:, 5:3077]  # row stride 3100, width 3072
     bias = torch.randn(3072, generator=gen(1))

@@ -7,34 +7,51 @@ import torch
 
 from ... import _C, ref
 from . import buffers
-from .common import native, unit_last
+from .common import native, ptr, unit_last
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, upcast: bool = False,
-              key_mask: torch.Tensor | None = None):
+              key_mask: torch.Tensor | None = None, rotary: tuple | None = None):
     """softmax(q k^T / sqrt(Dh) [+ causal mask]) v.  q: (B, H, Lq, Dh), k/v: (B, H, Lk, Dh) -> (B, H, Lq, Dh).
 
     The result is a (B, H, Lq, Dh) view of a (B, Lq, H, Dh) buffer, so ``out.transpose(1, 2).reshape(B, Lq,
     H * Dh)`` (what the model does next) is free. ``key_mask`` (B, Lk) bool (True = a real key): a prefix
     mask (each row's real keys first, as NaFlex pads) runs in the kernel as per-row key counts; any other mask
-    runs the reference op.
+    runs the reference op. ``rotary`` (cos, sin, start): q and k rotated by position inside the kernel (each
+    query block and each head's keys as the kernel loads them; see ``fastclip.ref.attention``).
     """
     lengths = None if key_mask is None else _prefix_lengths(key_mask, k)
-    if key_mask is not None and lengths is None:
-        return ref.attention(q, k, v, causal=causal, upcast=upcast, key_mask=key_mask)
+    angles = None if rotary is None else _angles(rotary, q, k)
+    fallback = dict(causal=causal, upcast=upcast, key_mask=key_mask, rotary=rotary)
+    if (key_mask is not None and lengths is None) or (rotary is not None and angles is None):
+        return ref.attention(q, k, v, **fallback)
     if upcast or not native(q, k, v) or q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
-        return ref.attention(q, k, v, causal=causal, upcast=upcast, key_mask=key_mask)
+        return ref.attention(q, k, v, **fallback)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D or (causal and Lq != Lk):
         return ref.attention(q, k, v, causal=causal)  # raises the reference's error for bad shapes
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    cos, sin, start = angles if angles is not None else (None, None, 0)
     out = buffers.empty((B, Lq, H, D), q.dtype).transpose(1, 2)
     _C.attention(q=q.data_ptr(), q_strides=q.stride()[:3], k=k.data_ptr(), k_strides=k.stride()[:3], v=v.data_ptr(),
                  v_strides=v.stride()[:3], out=out.data_ptr(), out_strides=out.stride()[:3], B=B, H=H, Lq=Lq, Lk=Lk,
                  D=D, causal=bool(causal), scale=1.0 / math.sqrt(D),
-                 key_lengths=0 if lengths is None else lengths.data_ptr())
+                 key_lengths=0 if lengths is None else lengths.data_ptr(), rope_cos=ptr(cos), rope_sin=ptr(sin),
+                 rope_start=start)
     return out
+
+
+def _angles(rotary: tuple, q: torch.Tensor, k: torch.Tensor):
+    """(cos, sin, start) as the kernel takes them -- fp32 contiguous (N, Dh/2), N >= max(Lq, Lk) - start, an
+    even Dh -- or None (the reference op then runs, and raises its error for bad ones)."""
+    cos, sin, start = rotary
+    if q.ndim != 4 or k.ndim != 4 or not native(cos, sin) or cos.shape != sin.shape or cos.ndim != 2:
+        return None
+    D, L = q.shape[-1], max(q.shape[2], k.shape[2])
+    if D % 2 or cos.shape[1] != D // 2 or start < 0 or cos.shape[0] < L - min(start, L):
+        return None
+    return cos.contiguous(), sin.contiguous(), int(start)
 
 
 def _prefix_lengths(key_mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:

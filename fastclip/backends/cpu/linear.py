@@ -223,7 +223,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     ``bias_act`` (none / gelu / gelu_tanh / quick_gelu, fused), or a gated one (..., N/2) after ``linear``."""
     code = ACT_CODES.get(act)
     if code is None and not upcast and act in ref.ACTIVATIONS and _takes(x, weight, bias):
-        return ref.bias_act(linear(x, weight, bias), None, act)  # a gated act (SwiGLU): this GEMM, the gate in torch
+        return bias_act(linear(x, weight, None), bias, act)  # a gated act (SwiGLU): this GEMM, then the gate kernel
     if upcast or code is None or not _takes(x, weight, bias):
         return ref.linear_act(x, weight, bias, act, upcast=upcast)
     y = _kernel(x, weight, bias, code) if _KERNEL else None

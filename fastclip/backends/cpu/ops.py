@@ -10,6 +10,7 @@ from .attention import attention  # first import of .common: ImportError where t
 from .bias_act import bias_act
 from .layer_norm import layer_norm
 from .normalize_project import normalize_project
+from .rotary import rotary
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, upcast: bool = False):
@@ -30,4 +31,5 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def op_table() -> dict:
     """{op name: C++-backed op} for the dispatcher (ops not listed here run the reference)."""
     return {"attention": attention, "layer_norm": layer_norm, "bias_act": bias_act,
-            "normalize_project": normalize_project, "linear": linear, "linear_act": linear_act}
+            "normalize_project": normalize_project, "linear": linear, "linear_act": linear_act,
+            "rotary": rotary}
