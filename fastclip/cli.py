@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from .jobs.sources import IMAGE_EXTENSIONS
 
 
 def _expand_paths(paths: list[str]) -> list[str]:
@@ -42,23 +42,60 @@ def _write(out: Path, names: list[str], vectors) -> None:
         raise SystemExit(f"--out must end in .npy or .parquet, got {out}")
 
 
+def _single_file(out: str) -> bool:
+    return Path(out).suffix in (".npy", ".parquet")
+
+
 def cmd_embed(args) -> int:
     import fastclip
 
-    items = _expand_paths(args.paths)
-    if not items:
-        print("fastclip embed: no input images found", file=sys.stderr)
+    modality = "texts" if args.texts else "images"
+    if args.captions and args.texts:
+        print("fastclip embed: --captions embeds the captions of images; with --texts the inputs are texts already",
+              file=sys.stderr)
+        return 2
+    single = _single_file(args.out)
+    if single and (args.resume or args.captions):
+        print("fastclip embed: --resume and --captions need an output directory (--out DIR), not a single file",
+              file=sys.stderr)
+        return 2
+    from fastclip.jobs import open_inputs
+
+    try:  # the inputs are listed (and checked) before the model loads
+        parts = open_inputs(args.paths, modality=modality, column=args.column, shard_size=args.shard_size)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        print(f"fastclip embed: error: {exc}", file=sys.stderr)
         return 2
     model = fastclip.load(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision,
                           backend=args.backend)
-    result = model.embed_images(items, batch_size=args.batch_size, progress=not args.quiet, on_error=args.on_error)
-    if args.on_error == "skip":
-        vectors, kept, errors = result.embeddings, result.indices.tolist(), result.errors
-        for err in errors:
-            print(f"skipped {err}", file=sys.stderr)
-    else:
-        vectors, kept, errors = result, list(range(len(items))), []
-    _write(Path(args.out), [items[i] for i in kept], vectors)
+    try:
+        return _run_embed(args, model, modality, single, parts)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # bad inputs or output directory
+        print(f"fastclip embed: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_embed(args, model, modality: str, single: bool, parts) -> int:
+    from fastclip.jobs import embed_corpus, embed_to_memory
+
+    if not single:
+        summary = embed_corpus(
+            model, args.paths, args.out, modality=modality, column=args.column, captions=args.captions,
+            shard_size=args.shard_size, resume=args.resume, dtype=args.dtype or "float16",
+            batch_size=args.batch_size, progress=not args.quiet,
+            model_id=f"{args.model} {args.pretrained or ''} {args.precision}".strip(), parts=parts)
+        print(f"fastclip embed: {summary} -> {args.out}", file=sys.stderr)
+        return 0
+    vectors, keys, errors = embed_to_memory(model, args.paths, modality=modality, column=args.column,
+                                            batch_size=args.batch_size, progress=not args.quiet, parts=parts)
+    for key, reason in errors:
+        print(f"{'error' if args.on_error == 'raise' else 'skipped'} {key}: {reason}", file=sys.stderr)
+    if errors and args.on_error == "raise":
+        return 1
+    if not keys and not errors:
+        print("fastclip embed: no input found", file=sys.stderr)
+        return 2
+    _write(Path(args.out), keys, vectors.astype(args.dtype or "float32"))
     print(f"wrote {vectors.shape[0]} embeddings of dimension {vectors.shape[1]} to {args.out}"
           + (f" ({len(errors)} skipped)" if errors else ""), file=sys.stderr)
     return 0
@@ -266,18 +303,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained-only", action="store_true", help="only architectures with published weights")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("embed", help="embed image files into a .npy or .parquet file")
-    p.add_argument("paths", nargs="+", help="image files or directories (searched recursively)")
+    p = sub.add_parser("embed", help="embed images or texts into a directory of shards, or one .npy / .parquet file")
+    p.add_argument("paths", nargs="+", help="inputs: image files, folders (searched recursively), WebDataset tars, "
+                   "Parquet files, text files (with --texts); globs, brace patterns (shards/{00000..00099}.tar) "
+                   "and fsspec URLs (s3://, gs://, http://) allowed")
     p.add_argument("--model", required=True, help="architecture name, checkpoint path, HF directory or hub id")
     p.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint path (with an architecture name)")
-    p.add_argument("--out", required=True, help="output file: .npy (plus .paths.txt) or .parquet (path + embedding)")
+    p.add_argument("--out", required=True, help="output directory (clip-retrieval layout, written shard by shard: "
+                   "img_emb/, text_emb/, metadata/, errors/), or one file: .npy (plus .paths.txt) or .parquet")
+    p.add_argument("--texts", action="store_true", help="the inputs are texts: text files (one a line) or a Parquet "
+                   "text column")
+    p.add_argument("--column", default=None, help="Parquet column of image bytes, image paths or texts "
+                   "(default: found by name)")
+    p.add_argument("--captions", action="store_true", help="also embed each image's caption (WebDataset .txt, "
+                   "Parquet caption column) into text_emb/")
+    p.add_argument("--shard-size", type=int, default=10_000,
+                   help="samples per output shard for folders, Parquet and text files; a tar is one shard")
+    p.add_argument("--resume", action="store_true", help="continue the job in --out: keep finished shards, redo the rest")
+    p.add_argument("--dtype", default=None, choices=["float16", "float32"],
+                   help="stored vectors (default: float16 in a directory, float32 in one file)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])
     p.add_argument("--backend", default=None, choices=["auto", "ref", "cpu", "cpp", "triton"],
                    help="op backend (default: $FASTCLIP_BACKEND, else auto)")
     p.add_argument("--on-error", default="skip", choices=["skip", "raise"],
-                   help="skip unreadable images (reported on stderr) or stop at the first one")
+                   help="one output file: skip bad samples (reported on stderr) or fail; a directory always records "
+                   "them in errors/")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)
 

@@ -39,12 +39,15 @@ def _chunks(n: int, batch_size: int):
     return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
 
-def _decoder(method, items: list, on_error: str, raw: bool):
+def _decoder(method, items: list, on_error: str, raw: bool, max_image_pixels: int | None = None):
     """span -> ``method`` (a preprocess's ``batch`` / ``sequences``) of ``items[start:stop]``, with the kept
-    indices made absolute: (prepared, kept indices in ``items``, errors)."""
+    indices made absolute: (prepared, kept indices in ``items``, errors). ``max_image_pixels`` is passed on
+    when given (None: the preprocess's own limit)."""
+    limit = {} if max_image_pixels is None else {"max_image_pixels": max_image_pixels}
+
     def prepare(span):
         start, stop = span
-        prepared, idx, errs = method(items[start:stop], on_error=on_error, index_offset=start, raw=raw)
+        prepared, idx, errs = method(items[start:stop], on_error=on_error, index_offset=start, raw=raw, **limit)
         return prepared, [start + i for i in idx], errs
     return prepare
 
@@ -90,24 +93,31 @@ class EmbeddingMixin:
             return emb
         return EmbedResult(emb, np.asarray(indices, dtype=np.int64), errors)
 
-    def embed_images(self, items: Sequence, batch_size: int = 32, progress: bool = False, on_error: str = "raise"):
+    def embed_images(self, items: Sequence, batch_size: int = 32, progress: bool = False, on_error: str = "raise",
+                     max_image_pixels: int | None = None):
         """Embed images given as paths, PIL images, encoded bytes or arrays.
 
         Returns (N, E) float32 L2-normalised rows in input order. A bad item raises an ItemError naming
         it; with ``on_error="skip"`` bad items are skipped and an EmbedResult (embeddings, indices,
         errors) is returned instead. Decoding/resizing of the next batch overlaps the current encode.
+
+        Memory: all decode threads (this batch's and the next's) share the preprocess's ``budget``
+        (``Preprocess(..., max_inflight_pixels=...)``, default 64 Mi decoded pixels in flight; a larger image
+        runs alone). ``max_image_pixels``: images with more pixels are refused from their header, before
+        decoding, as an ``ImageLoadError`` naming the size (None: the preprocess's ``max_image_pixels``,
+        by default ``fastclip.data.images.DEFAULT_MAX_PIXELS``).
         """
         _check_on_error(on_error)
         if self.preprocess is None:
             raise RuntimeError("this model has no preprocess; create it with fastclip.load / create_model")
         items = list(items)
         if hasattr(self.preprocess, "sequences"):  # NaFlex: patch sequences of each image's own length
-            return self._embed_sequences(items, batch_size, progress, on_error)
+            return self._embed_sequences(items, batch_size, progress, on_error, max_image_pixels)
         spans = _chunks(len(items), batch_size)
         parts, kept, errors = [], [], []
         fold = self.fold_pixel_norm
         with _progress(len(items), progress, "images") as bar:
-            decoded = _prefetched(spans, _decoder(self.preprocess.batch, items, on_error, fold))
+            decoded = _prefetched(spans, _decoder(self.preprocess.batch, items, on_error, fold, max_image_pixels))
             for span, (pixels, idx, errs) in decoded:
                 errors.extend(errs)
                 if idx:
@@ -118,7 +128,8 @@ class EmbeddingMixin:
                 bar.update(span[1] - span[0])
         return self._finish(parts, kept, errors, len(items), on_error)
 
-    def _embed_sequences(self, items: list, batch_size: int, progress: bool, on_error: str):
+    def _embed_sequences(self, items: list, batch_size: int, progress: bool, on_error: str,
+                         max_image_pixels: int | None = None):
         """embed_images for a NaFlex model (fastclip/data/naflex.py): within each window of
         ``batch_size * image_window_batches`` items, images are sorted by patch count and cut into batches
         of similar lengths (``plan_batches``), each padded only to its longest image; rows go back in input
@@ -128,7 +139,8 @@ class EmbeddingMixin:
         parts, kept, errors = [], [], []
         fold = self.fold_pixel_norm
         with _progress(len(items), progress, "images") as bar:
-            for _, (seqs, idx, errs) in _prefetched(windows, _decoder(self.preprocess.sequences, items, on_error, fold)):
+            decoder = _decoder(self.preprocess.sequences, items, on_error, fold, max_image_pixels)
+            for _, (seqs, idx, errs) in _prefetched(windows, decoder):
                 errors.extend(errs)
                 bar.update(len(errs))
                 lengths = [hw[0] * hw[1] for _, hw in seqs]  # patches per image

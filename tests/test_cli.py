@@ -5,29 +5,19 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import fastclip
 from fastclip import tolerance
 from fastclip.backends import int8
 from fastclip.cli import main
+from helpers.upstream import save_tiny_openai_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A small OpenAI-layout CLIP checkpoint (architecture inferred from its shapes when loaded)."""
-    import open_clip
-
-    cfg = dict(embed_dim=64, quick_gelu=True,
-               vision_cfg=dict(image_size=64, patch_size=32, width=128, layers=2),
-               text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2))
-    torch.manual_seed(0)
-    upstream = open_clip.model.CLIP(
-        embed_dim=64, vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"], quick_gelu=True)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-openai.pt"
-    torch.save(upstream.state_dict(), path)
-    return path
+    return save_tiny_openai_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-openai.pt")
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from fastclip.loading import keymaps_eva_baai
 from fastclip.loading.factory import _from_state_dict
 from fastclip.models.config import parse_config
 from fastclip.tolerance import MIN_COSINE
+from helpers.timm_tiny import OPENCLIP_CONFIGS, TINY_TEXT, tiny_timm_config, tiny_timm_openclip
 from helpers.upstream import (
     Upstream,
     assert_matches,
@@ -43,8 +44,6 @@ from helpers.upstream import (
     save_state_dict,
 )
 
-OPENCLIP_CONFIGS = Path(open_clip.__file__).parent / "model_configs"
-TINY_TEXT = {"vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 # tiny name: (real open_clip config, timm.create_model keywords shrinking its trunk)
 TINY = {
     "fmt-EVA02-B": ("EVA02-B-16", dict(img_size=64, embed_dim=128, num_heads=2, depth=2)),  # q/k/v, SwiGLU, rope
@@ -58,12 +57,7 @@ PE_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation
 
 
 def _tiny_config(name: str) -> dict:
-    """The real open_clip config with a tiny text tower and the trunk's keywords (fastclip's key)."""
-    real, kwargs = TINY[name]
-    raw = json.loads((OPENCLIP_CONFIGS / f"{real}.json").read_text())
-    raw["embed_dim"], raw["text_cfg"] = 48, dict(TINY_TEXT, context_length=raw["text_cfg"]["context_length"])
-    raw["vision_cfg"] = dict(raw["vision_cfg"], image_size=kwargs["img_size"], timm_model_kwargs=kwargs)
-    return raw
+    return tiny_timm_config(*TINY[name])
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +68,8 @@ def tiny_names(tmp_path_factory):
 
 @functools.cache
 def _tiny_openclip(name: str) -> Upstream:
-    """open_clip.model.CustomTextCLIP of the tiny config, its timm trunk built with the shrinking keywords;
-    perturbed (one per name: the tests only read it)."""
-    raw, kwargs, seed = _tiny_config(name), TINY[name][1], len(name)
-    create = timm.create_model
-    vision_cfg = {k: v for k, v in raw["vision_cfg"].items() if k != "timm_model_kwargs"}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(timm, "create_model", lambda arch, **kw: create(arch, **kw, **kwargs))
-        torch.manual_seed(seed)
-        model = open_clip.model.CustomTextCLIP(raw["embed_dim"], vision_cfg, raw["text_cfg"])
-    perturb_(model, seed)
-    perturb_(model.visual.trunk.blocks, seed + 1, std=0.1)  # attention far from uniform: positions matter
-    ctx = raw["text_cfg"]["context_length"]
-    return Upstream(f"open_clip {name}", model, "open_clip", kwargs["img_size"], lambda b: clip_tokens(b, ctx, seed=b))
+    """The tiny config's open_clip model, perturbed (one per name: the tests only read it)."""
+    return tiny_timm_openclip(name, _tiny_config(name), len(name))
 
 
 # ---------------------------------------------------------------- BAAI EVA-CLIP files

@@ -10,25 +10,17 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 
 import fastclip
 from fastclip import tolerance
 from fastclip.cli import build_parser
+from helpers.upstream import save_tiny_openai_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A small OpenAI-layout CLIP checkpoint (architecture inferred from its shapes when loaded)."""
-    import open_clip
-
-    torch.manual_seed(0)
-    upstream = open_clip.model.CLIP(
-        embed_dim=32, quick_gelu=True, vision_cfg=dict(image_size=64, patch_size=32, width=64, layers=2),
-        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-serve.pt"
-    torch.save(upstream.state_dict(), path)
-    return path
+    return save_tiny_openai_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-serve.pt", embed_dim=32, width=64)
 
 
 def _free_port() -> int:

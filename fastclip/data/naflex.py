@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from ..errors import ImageLoadError
-from .images import load_image, map_items
+from .budget import DEFAULT_INFLIGHT_PIXELS, PixelBudget
+from .images import DEFAULT_MAX_PIXELS, load_image, map_items
 from .preprocess import INCEPTION_MEAN, INCEPTION_STD, Preprocess, PreprocessConfig, hf_resample
 
 __all__ = ["NaflexConfig", "NaflexBatch", "NaflexPreprocess", "batch_of_pixels", "pad_sequences", "target_size"]
@@ -142,12 +143,19 @@ def batch_of_pixels(pixels: torch.Tensor, patch_size: int) -> NaflexBatch:
 class NaflexPreprocess:
     """Callable NaFlex preprocessing: image item -> (patches (h*w, P*P*3) float32, (h, w)); ``batch`` pads.
 
-    ``threads``: workers of ``batch`` (default: CPU count; 1 = no thread pool).
+    ``threads``: workers of ``batch`` (default: CPU count; 1 = no thread pool). ``max_inflight_pixels`` /
+    ``max_image_pixels``: as ``Preprocess``'s -- one ``budget`` (``fastclip.data.budget.PixelBudget``) shared by
+    every decode of this preprocess (all threads of all ``sequences`` / ``batch`` calls, and ``__call__``), and
+    the pixel limit above which images are refused from their header.
     """
 
-    def __init__(self, cfg: NaflexConfig, threads: int | None = None):
+    def __init__(self, cfg: NaflexConfig, threads: int | None = None,
+                 max_inflight_pixels: int | None = DEFAULT_INFLIGHT_PIXELS,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
         self.cfg = cfg
         self.threads = threads
+        self.budget = None if max_inflight_pixels is None else PixelBudget(max_inflight_pixels)
+        self.max_image_pixels = int(max_image_pixels)
 
     def __repr__(self) -> str:
         return f"NaflexPreprocess({self.cfg!r}, threads={self.threads!r})"
@@ -161,7 +169,8 @@ class NaflexPreprocess:
     def _resizer(self, hw: tuple[int, int]) -> Preprocess:
         c = self.cfg
         return Preprocess(PreprocessConfig(hw, c.mean, c.std, resize_mode="squash", interpolation=c.interpolation,
-                                           numerics="hf", rescale_factor=c.rescale_factor), threads=1)
+                                           numerics="hf", rescale_factor=c.rescale_factor), threads=1,
+                          max_inflight_pixels=None)  # only resizes / normalises: decodes hold self.budget
 
     def levels(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
         """RGB PIL image -> (uint8 (H, W, 3) resized to its patch budget, (h, w) patches)."""
@@ -175,18 +184,27 @@ class NaflexPreprocess:
         pixels = self._resizer(a.shape[:2]).normalise(a)  # (3, H, W) float32
         return patchify(pixels.permute(1, 2, 0), self.cfg.patch_size)  # (h*w, P*P*3)
 
+    def load_levels(self, image: Any, *, index: int | None = None, max_image_pixels: int | None = None
+                    ) -> tuple[np.ndarray, tuple[int, int]]:
+        """One item (any kind ``load_image`` accepts) -> ``levels`` of its RGB image; decode and resize hold its
+        pixels in ``budget``; ``max_image_pixels`` (None: this preprocess's) refuses larger images."""
+        limit = self.max_image_pixels if max_image_pixels is None else int(max_image_pixels)
+        return load_image(image, index=index, max_pixels=limit, budget=self.budget, transform=self.levels)
+
     def __call__(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
         """One image (a PIL image or any item ``load_image`` accepts) -> (patches (h*w, P*P*3) float32, (h, w))."""
-        a, hw = self.levels(load_image(image))
+        a, hw = self.load_levels(image)
         return self._patches(a, hw, raw=False), hw
 
     def sequences(self, items: Sequence[Any], *, on_error: str = "raise", progress: bool = False,
-                  index_offset: int = 0, raw: bool = False
+                  index_offset: int = 0, raw: bool = False, max_image_pixels: int | None = None
                   ) -> tuple[list[tuple[torch.Tensor, tuple[int, int]]], list[int], list[ImageLoadError]]:
         """Decode + preprocess many items in threads, unpadded -> ([(patches (h*w, P*P*3), (h, w))] of the
-        items that loaded, their indices in ``items``, the errors of the others). ``raw=True``: uint8 levels."""
+        items that loaded, their indices in ``items``, the errors of the others). ``raw=True``: uint8 levels.
+        Full-size decoded pixels in flight stay within ``budget``; ``max_image_pixels`` (None: this
+        preprocess's) refuses larger images from their header (an ``ImageLoadError``)."""
         def one(item, i):
-            a, hw = self.levels(load_image(item, index=index_offset + i))
+            a, hw = self.load_levels(item, index=index_offset + i, max_image_pixels=max_image_pixels)
             return self._patches(a, hw, raw), hw
 
         results, errors = map_items(one, items, threads=self.threads, on_error=on_error, progress=progress,
@@ -195,12 +213,13 @@ class NaflexPreprocess:
         return [results[i] for i in kept], kept, errors
 
     def batch(self, items: Sequence[Any], *, on_error: str = "raise", progress: bool = False,
-              index_offset: int = 0, raw: bool = False) -> tuple[NaflexBatch, list[int], list[ImageLoadError]]:
+              index_offset: int = 0, raw: bool = False, max_image_pixels: int | None = None
+              ) -> tuple[NaflexBatch, list[int], list[ImageLoadError]]:
         """Decode + preprocess many items in threads -> (NaflexBatch of the items that loaded, their indices in
         ``items``, the errors of the others) -- the contract of ``Preprocess.batch``. Sequences are padded to
         ``max_num_patches``, as the processor pads them; ``raw=True``: uint8 patches of levels (see ``pixel_norm``)."""
         seqs, kept, errors = self.sequences(items, on_error=on_error, progress=progress, index_offset=index_offset,
-                                            raw=raw)
+                                            raw=raw, max_image_pixels=max_image_pixels)
         dtype = torch.uint8 if raw else torch.float32
         return pad_sequences(seqs, self.cfg.max_num_patches, 3 * self.cfg.patch_size**2, dtype), kept, errors
 

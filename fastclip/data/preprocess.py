@@ -32,6 +32,7 @@ embedding instead (fastclip.models.vit.fold_pixel_norm), which is what ``embed_i
 
 from __future__ import annotations
 
+import functools
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +43,8 @@ import torch
 from PIL import Image
 
 from ..errors import ImageLoadError
-from .images import load_image, map_items
+from .budget import DEFAULT_INFLIGHT_PIXELS, PixelBudget
+from .images import DEFAULT_MAX_PIXELS, load_image, map_items, rgb_to_chw, rgb_to_hwx
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -192,11 +194,21 @@ class Preprocess:
     """Callable preprocessing: image item -> normalised float32 tensor of shape (3, H, W).
 
     ``threads`` sets the worker count of ``batch`` (default: CPU count; 1 = no thread pool).
+    ``max_inflight_pixels``: the ``budget`` (a ``fastclip.data.budget.PixelBudget``) shared by every decode of
+    this Preprocess -- all threads of all ``batch`` calls, e.g. ``embed_images``' prefetch of the next batch
+    while one is encoded, and ``__call__`` -- bounding the decoded full-size pixels in flight (default
+    ``DEFAULT_INFLIGHT_PIXELS``, 64 Mi pixels; an image larger than that runs alone; None: unbounded).
+    ``max_image_pixels``: images with more pixels are refused from their header, before decoding
+    (an ``ImageLoadError``; default ``fastclip.data.images.DEFAULT_MAX_PIXELS``).
     """
 
-    def __init__(self, cfg: PreprocessConfig, threads: int | None = None):
+    def __init__(self, cfg: PreprocessConfig, threads: int | None = None,
+                 max_inflight_pixels: int | None = DEFAULT_INFLIGHT_PIXELS,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
         self.cfg = cfg
         self.threads = threads
+        self.budget = None if max_inflight_pixels is None else PixelBudget(max_inflight_pixels)
+        self.max_image_pixels = int(max_image_pixels)
         self._lut = _normalisation_lut(cfg)
         self._resample = _INTERPOLATIONS[cfg.interpolation]
 
@@ -214,14 +226,20 @@ class Preprocess:
         # On CPU torchvision feeds uint8 straight to interpolate for bicubic, and for bilinear when
         # the CPU has AVX2/AVX512 (or is ARM); otherwise via float32 + clamp + round.
         mode = "bicubic" if resample == Image.Resampling.BICUBIC else "bilinear"
-        t = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()[None]
-        native = mode == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") \
-            or platform.machine() in ("aarch64", "arm64")
+        avx = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        native = mode == "bicubic" or avx or platform.machine() in ("aarch64", "arm64")
+        resize = functools.partial(torch.nn.functional.interpolate, size=list(hw), mode=mode, align_corners=False,
+                                   antialias=True)
+        if avx:
+            # x86's uint8 kernel computes on 4-byte pixels and repacks a 3-channel input into them first (4 bytes
+            # a pixel more); given channels-last RGBX it reads the pixels in place. Same values for R, G, B.
+            t = torch.from_numpy(rgb_to_hwx(img)).permute(2, 0, 1)[None]  # (1, 4, H, W), channels-last
+            return resize(t)[0, :3].permute(1, 2, 0).numpy()  # (h, w, 3)
+        t = torch.from_numpy(rgb_to_chw(img))[None]  # (1, 3, H, W) contiguous uint8
         if native:
-            out = torch.nn.functional.interpolate(t, size=list(hw), mode=mode, align_corners=False, antialias=True)
+            out = resize(t)
         else:
-            out = torch.nn.functional.interpolate(t.float(), size=list(hw), mode=mode, align_corners=False,
-                                                  antialias=True).clamp_(0, 255).round_().to(torch.uint8)
+            out = resize(t.float()).clamp_(0, 255).round_().to(torch.uint8)
         return out[0].permute(1, 2, 0).numpy()
 
     def _crop_or_pad(self, a: np.ndarray, th: int, tw: int) -> np.ndarray:
@@ -280,21 +298,24 @@ class Preprocess:
             np.take(self._lut[c], a[:, :, c], out=out[c], mode="clip")  # levels are < 256: clip is a no-op
         return torch.from_numpy(out)
 
-    def _rgb(self, image: Any) -> Image.Image:
-        if isinstance(image, Image.Image) and image.mode == "RGB" and image.getexif().get(0x0112, 1) in (1, None):
-            return image
-        return load_image(image)
+    def load_levels(self, image: Any, *, index: int | None = None, max_image_pixels: int | None = None) -> np.ndarray:
+        """One item (any kind ``load_image`` accepts) -> uint8 (H, W, 3) resized / cropped, before normalising.
+        Decode and resize hold the image's pixels in ``budget``; ``max_image_pixels`` (None: this Preprocess's
+        ``max_image_pixels``) refuses larger images from their header (``ImageLoadError`` naming the size)."""
+        limit = self.max_image_pixels if max_image_pixels is None else int(max_image_pixels)
+        return load_image(image, index=index, max_pixels=limit, budget=self.budget, transform=self.resize_crop)
 
     def __call__(self, image: Any) -> torch.Tensor:
         """One image (an RGB PIL image, or any item ``load_image`` accepts) -> (3, H, W) float32."""
-        return self.normalise(self.resize_crop(self._rgb(image)))
+        return self.normalise(self.load_levels(image))
 
     def raw(self, image: Any) -> torch.Tensor:
         """One image -> uint8 (3, H, W) resized/cropped levels, before normalising (see ``pixel_norm``)."""
-        return torch.from_numpy(np.ascontiguousarray(self.resize_crop(self._rgb(image)).transpose(2, 0, 1)))
+        return torch.from_numpy(np.ascontiguousarray(self.load_levels(image).transpose(2, 0, 1)))
 
     def batch(self, items: Sequence[Any], *, on_error: str = "raise", progress: bool = False,
-              index_offset: int = 0, raw: bool = False) -> tuple[torch.Tensor, list[int], list[ImageLoadError]]:
+              index_offset: int = 0, raw: bool = False, max_image_pixels: int | None = None
+              ) -> tuple[torch.Tensor, list[int], list[ImageLoadError]]:
         """Decode + preprocess many items in parallel threads.
 
         Returns ``(pixels, kept, errors)``: ``pixels`` is float32 (B_ok, 3, H, W) for the items that
@@ -302,13 +323,15 @@ class Preprocess:
         their indices in ``items`` (increasing), ``errors`` the ``ImageLoadError`` of the others (only
         with ``on_error="skip"``; ``"raise"`` raises the lowest-index error).
         Errors name each item's position as ``index_offset + i`` (its place in the caller's list).
-        Each worker writes its image straight into the batch buffer.
+        Each worker writes its image straight into the batch buffer. The decoded full-size pixels in flight
+        across all workers (and other calls on this Preprocess) stay within ``budget``; ``max_image_pixels``
+        (None: this Preprocess's setting) refuses larger images from their header, as an ``ImageLoadError``.
         """
         th, tw = self.cfg.size_hw
         buf = np.empty((len(items), 3, th, tw), dtype=np.uint8 if raw else np.float32)  # (B, 3, H, W)
 
         def one(item, i):
-            a = self.resize_crop(load_image(item, index=index_offset + i))  # (H, W, 3) uint8
+            a = self.load_levels(item, index=index_offset + i, max_image_pixels=max_image_pixels)  # (H, W, 3) uint8
             if raw:
                 np.copyto(buf[i], a.transpose(2, 0, 1))
             else:

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import CheckpointError
 
-_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "weights")
 _PREFIXES = ("module.", "_orig_mod.")
 
 

@@ -14,7 +14,7 @@ from ..backends import int8 as quant
 from ..errors import CheckpointError, UnknownModelError
 from ..models.clip import CLIP
 from ..models.config import ModelConfig, get_model_config, list_models, parse_config
-from . import hub, keymaps, keymaps_eva, keymaps_eva_baai, keymaps_mobileclip
+from . import hub, keymaps, keymaps_eva, keymaps_eva_baai, keymaps_mobileclip, keymaps_pe_meta
 from .checkpoints import read_state_dict
 
 # "int8": fp32 master weights, linear layers packed as int8 after loading (fastclip/backends/int8.py)
@@ -233,6 +233,8 @@ def _from_state_dict(cfg: ModelConfig, sd: dict, source: str, device, precision,
         sd = keymaps_mobileclip.from_openclip_mci(sd)
     elif keymaps_eva_baai.is_baai_eva_layout(sd):  # BAAI EVA-CLIP release files
         sd = keymaps_eva_baai.from_baai_eva(sd)
+    elif keymaps_pe_meta.is_meta_pe_layout(sd):  # Meta's Perception Encoder release files (facebook/PE-Core-*)
+        sd = keymaps_pe_meta.from_meta_pe(sd)
     elif keymaps.is_openclip_layout(sd):
         sd = keymaps.from_openclip(sd)
     elif ("visual.conv1.weight" in sd and "text.token_embedding.weight" in sd) or keymaps_eva.is_fastclip_eva_layout(sd):
@@ -245,6 +247,16 @@ def _from_state_dict(cfg: ModelConfig, sd: dict, source: str, device, precision,
             f"(first keys: {', '.join(list(sd)[:5])})"
         )
     return _attach_hub_tokenizer(_attach_io(_build(cfg, sd, source, device, precision, backend), None))
+
+
+def _load_meta_pe(arch: str, sd: dict, source: str, device, precision, backend) -> CLIP:
+    """A Meta PE-Core state dict (keymaps_pe_meta) as architecture ``arch``, with the preprocessing Meta trained
+    with (its ``meta`` tag's: mean and std 0.5, squash resize, bilinear)."""
+    cfg = get_model_config(arch)
+    pre = hub.pretrained_entry(cfg.name, "meta").get("preprocess", {})
+    cfg = replace(cfg, preprocess=replace(cfg.preprocess, **{k: tuple(v) if isinstance(v, list) else v
+                                                             for k, v in pre.items()}))
+    return _from_state_dict(cfg, sd, source, device, precision, backend)
 
 
 def _load_int8_file(path: Path, cfg: ModelConfig | None, device, precision, backend) -> CLIP:
@@ -299,6 +311,8 @@ def _load_path(path: Path, device, precision, backend, trust, name: str | None =
         raise CheckpointError(f"{path} is a Hugging Face state dict: load its directory (with config.json) instead")
     if keymaps_eva_baai.is_baai_eva_layout(sd):
         raise CheckpointError(keymaps_eva_baai.needs_name(str(path), sd))
+    if keymaps_pe_meta.is_meta_pe_layout(sd):  # no config in the file: the architecture from its shapes
+        return _load_meta_pe(keymaps_pe_meta.architecture_of(str(path), sd), sd, str(path), device, precision, backend)
     try:
         cfg = keymaps.infer_openai_config(sd, name=path.stem)
     except CheckpointError as exc:
@@ -316,7 +330,9 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
       (OpenCLIP ``.bin``/``.pt``/``.safetensors``, OpenAI state dict or TorchScript archive, HF state dict);
     - ``load("/path/to/ViT-B-32.pt")``: an OpenAI checkpoint alone (architecture inferred from shapes);
     - ``load("/path/to/hf_dir")`` or ``load("openai/clip-vit-base-patch32")``: a transformers
-      CLIPModel/SiglipModel directory or hub id; ``load("hf-hub:laion/...")``: an OpenCLIP hub repo.
+      CLIPModel/SiglipModel directory or hub id; ``load("hf-hub:laion/...")``: an OpenCLIP hub repo;
+    - ``load("hf-hub:facebook/PE-Core-B16-224")`` (or without ``hf-hub:``): Meta's own Perception Encoder release
+      (its ``.pt``, keymaps_pe_meta.py), as the architecture of the same model with Meta's preprocessing.
 
     Checkpoints never run code: pickles load with ``weights_only=True`` and TorchScript archives are
     read as data, unless ``trust=True``. ``backend``: "auto", "ref", "cpu" (alias "cpp") or "triton"; None (the
@@ -330,6 +346,10 @@ def load(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None =
         return _load_path(Path(name), device, precision, backend, trust)
     if pretrained is not None and Path(name).is_dir():
         return _load_dir_int8(Path(name), Path(os.fspath(pretrained)).expanduser(), device, precision, backend, trust)
+    if pretrained is None and (meta := keymaps_pe_meta.meta_repo(name)) is not None:  # facebook/PE-Core-*: one .pt
+        weights = hub.download_file(meta, keymaps_pe_meta.weights_file(meta))
+        return _load_meta_pe(keymaps_pe_meta.META_REPOS[meta], read_state_dict(weights, trust=trust), str(weights),
+                             device, precision, backend)
     if name.startswith("hf-hub:"):
         repo_id = name[len("hf-hub:"):]
         return _load_path(hub.download_repo(repo_id), device, precision, backend, trust, repo_id)

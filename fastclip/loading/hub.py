@@ -173,3 +173,19 @@ def download_repo(repo_id: str, patterns: list[str] | None = None) -> Path:
                                     f"; or run `hf download {repo_id} --local-dir DIR`, copy DIR here and pass "
                                     f"its path to fastclip.load (or fastclip.get_tokenizer)") from None
         raise _hub_error(repo_id, exc) from None
+
+
+def download_file(repo_id: str, filename: str) -> Path:
+    """Path of one file of ``repo_id`` (e.g. Meta's ``facebook/PE-Core-B16-224``: ``PE-Core-B16-224.pt``), via
+    the hub cache. Only the local cache is read when HF_HUB_OFFLINE is set or the hub endpoint cannot be reached."""
+    from huggingface_hub import hf_hub_download
+
+    local_only = _local_only()
+    try:
+        return Path(hf_hub_download(repo_id, filename, library_name="fastclip", library_version=__version__,
+                                    local_files_only=local_only is not None))
+    except Exception as exc:
+        if local_only is not None:
+            raise _not_cached_error(repo_id, local_only, f"hf download {repo_id} {filename}",
+                                    "; or pass the file's path to fastclip.load") from None
+        raise _hub_error(repo_id, exc) from None

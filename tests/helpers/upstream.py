@@ -310,3 +310,14 @@ def put_in_hub_cache(cache: Path, repo_id: str, files: dict[str, Path | bytes]) 
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(COMMIT)
     return snapshot
+
+
+def save_tiny_openai_checkpoint(path: Path, embed_dim: int = 64, width: int = 128) -> Path:
+    """A small open_clip CLIP (quick GELU, 64 px images, patch 32, 2 layers per tower, seed 0) saved as an
+    OpenAI-layout state dict at ``path``: fastclip.load infers its architecture from the shapes."""
+    torch.manual_seed(0)
+    upstream = open_clip.model.CLIP(
+        embed_dim=embed_dim, quick_gelu=True, vision_cfg=dict(image_size=64, patch_size=32, width=width, layers=2),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=width, heads=2, layers=2))
+    torch.save(upstream.state_dict(), path)
+    return path
