@@ -2,6 +2,7 @@
 
     python -m pytest bench/bench_ray.py --benchmark-json /tmp/ray.json && python bench/report.py /tmp/ray.json
     python -m pytest bench/bench_ray.py --benchmark-disable           # smoke check: every row once
+    FASTCLIP_BENCH_RAY_IMAGES=1024 python -m pytest bench/bench_ray.py -k "embed_images or ray-bytes"  # longer run
 
 256 JPEGs (bench/bench_jpeg.py's ``make_jpegs``: sample photographs cropped and resized to 200-1600 px, written
 once under FASTCLIP_BENCH_CACHE) through one ViT-B-32 with random weights (a checkpoint written there once and
@@ -23,6 +24,7 @@ is checked against the in-process embeddings, by key, at fastclip.tolerance.SAME
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -33,7 +35,8 @@ from bench_jpeg import make_jpegs
 from conftest import rate
 from peers import CACHE
 
-ARCH, N_IMAGES, BATCH, RAY_BATCH = "ViT-B-32", 256, 32, 128
+ARCH, BATCH, RAY_BATCH = "ViT-B-32", 32, 128
+N_IMAGES = int(os.environ.get("FASTCLIP_BENCH_RAY_IMAGES", 256))  # more images amortise the actor start-up
 IMPLS = ["embed_images", "ray-paths", "ray-bytes"]  # in-process first: the Ray rows divide by it
 _RATE: dict[str, float] = {}
 
