@@ -41,13 +41,12 @@ def _chunks(n: int, batch_size: int):
 
 def _decoder(method, items: list, on_error: str, raw: bool, max_image_pixels: int | None = None):
     """span -> ``method`` (a preprocess's ``batch`` / ``sequences``) of ``items[start:stop]``, with the kept
-    indices made absolute: (prepared, kept indices in ``items``, errors). ``max_image_pixels`` is passed on
-    when given (None: the preprocess's own limit)."""
-    limit = {} if max_image_pixels is None else {"max_image_pixels": max_image_pixels}
-
+    indices made absolute: (prepared, kept indices in ``items``, errors). ``max_image_pixels``: passed on
+    (None: the preprocess's own limit)."""
     def prepare(span):
         start, stop = span
-        prepared, idx, errs = method(items[start:stop], on_error=on_error, index_offset=start, raw=raw, **limit)
+        prepared, idx, errs = method(items[start:stop], on_error=on_error, index_offset=start, raw=raw,
+                                     max_image_pixels=max_image_pixels)
         return prepared, [start + i for i in idx], errs
     return prepare
 

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 # conversion and resize temporaries -- e.g. five 12-megapixel photos decoding at once.
 DEFAULT_INFLIGHT_PIXELS = 64 * 2**20
 
-__all__ = ["PixelBudget", "DEFAULT_INFLIGHT_PIXELS"]
+__all__ = ["PixelBudget", "DecodeLimits", "DEFAULT_INFLIGHT_PIXELS"]
 
 
 class PixelBudget:
@@ -115,3 +115,19 @@ class PixelBudget:
             yield
         finally:
             self.release(n_pixels)
+
+
+class DecodeLimits:
+    """The decode settings a preprocess shares across its threads (Preprocess, NaflexPreprocess): ``budget``, a
+    PixelBudget of ``max_inflight_pixels`` (None: unbounded), and ``max_image_pixels``, the header limit."""
+
+    budget: PixelBudget | None
+    max_image_pixels: int
+
+    def _set_decode_limits(self, max_inflight_pixels: int | None, max_image_pixels: int) -> None:
+        self.budget = None if max_inflight_pixels is None else PixelBudget(max_inflight_pixels)
+        self.max_image_pixels = int(max_image_pixels)
+
+    def _pixel_limit(self, max_image_pixels: int | None) -> int:
+        """A call's ``max_image_pixels``, or this preprocess's when None."""
+        return self.max_image_pixels if max_image_pixels is None else int(max_image_pixels)

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ..errors import ImageLoadError
-from .budget import DEFAULT_INFLIGHT_PIXELS, PixelBudget
+from .budget import DEFAULT_INFLIGHT_PIXELS, DecodeLimits
 from .images import DEFAULT_MAX_PIXELS, load_image, map_items
 from .preprocess import INCEPTION_MEAN, INCEPTION_STD, Preprocess, PreprocessConfig, hf_resample
 
@@ -140,7 +140,7 @@ def batch_of_pixels(pixels: torch.Tensor, patch_size: int) -> NaflexBatch:
     return NaflexBatch(values, mask, shapes)
 
 
-class NaflexPreprocess:
+class NaflexPreprocess(DecodeLimits):
     """Callable NaFlex preprocessing: image item -> (patches (h*w, P*P*3) float32, (h, w)); ``batch`` pads.
 
     ``threads``: workers of ``batch`` (default: CPU count; 1 = no thread pool). ``max_inflight_pixels`` /
@@ -154,8 +154,7 @@ class NaflexPreprocess:
                  max_image_pixels: int = DEFAULT_MAX_PIXELS):
         self.cfg = cfg
         self.threads = threads
-        self.budget = None if max_inflight_pixels is None else PixelBudget(max_inflight_pixels)
-        self.max_image_pixels = int(max_image_pixels)
+        self._set_decode_limits(max_inflight_pixels, max_image_pixels)
 
     def __repr__(self) -> str:
         return f"NaflexPreprocess({self.cfg!r}, threads={self.threads!r})"
@@ -188,8 +187,7 @@ class NaflexPreprocess:
                     ) -> tuple[np.ndarray, tuple[int, int]]:
         """One item (any kind ``load_image`` accepts) -> ``levels`` of its RGB image; decode and resize hold its
         pixels in ``budget``; ``max_image_pixels`` (None: this preprocess's) refuses larger images."""
-        limit = self.max_image_pixels if max_image_pixels is None else int(max_image_pixels)
-        return load_image(image, index=index, max_pixels=limit, budget=self.budget, transform=self.levels)
+        return load_image(image, index=index, max_pixels=self._pixel_limit(max_image_pixels), budget=self.budget, transform=self.levels)
 
     def __call__(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
         """One image (a PIL image or any item ``load_image`` accepts) -> (patches (h*w, P*P*3) float32, (h, w))."""

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 from ..errors import ImageLoadError
-from .budget import DEFAULT_INFLIGHT_PIXELS, PixelBudget
+from .budget import DEFAULT_INFLIGHT_PIXELS, DecodeLimits
 from .images import DEFAULT_MAX_PIXELS, load_image, map_items, rgb_to_chw, rgb_to_hwx
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -190,7 +190,7 @@ def _normalisation_lut(cfg: PreprocessConfig) -> np.ndarray:
     return out.numpy()
 
 
-class Preprocess:
+class Preprocess(DecodeLimits):
     """Callable preprocessing: image item -> normalised float32 tensor of shape (3, H, W).
 
     ``threads`` sets the worker count of ``batch`` (default: CPU count; 1 = no thread pool).
@@ -207,8 +207,7 @@ class Preprocess:
                  max_image_pixels: int = DEFAULT_MAX_PIXELS):
         self.cfg = cfg
         self.threads = threads
-        self.budget = None if max_inflight_pixels is None else PixelBudget(max_inflight_pixels)
-        self.max_image_pixels = int(max_image_pixels)
+        self._set_decode_limits(max_inflight_pixels, max_image_pixels)
         self._lut = _normalisation_lut(cfg)
         self._resample = _INTERPOLATIONS[cfg.interpolation]
 
@@ -302,8 +301,7 @@ class Preprocess:
         """One item (any kind ``load_image`` accepts) -> uint8 (H, W, 3) resized / cropped, before normalising.
         Decode and resize hold the image's pixels in ``budget``; ``max_image_pixels`` (None: this Preprocess's
         ``max_image_pixels``) refuses larger images from their header (``ImageLoadError`` naming the size)."""
-        limit = self.max_image_pixels if max_image_pixels is None else int(max_image_pixels)
-        return load_image(image, index=index, max_pixels=limit, budget=self.budget, transform=self.resize_crop)
+        return load_image(image, index=index, max_pixels=self._pixel_limit(max_image_pixels), budget=self.budget, transform=self.resize_crop)
 
     def __call__(self, image: Any) -> torch.Tensor:
         """One image (an RGB PIL image, or any item ``load_image`` accepts) -> (3, H, W) float32."""

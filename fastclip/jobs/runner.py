@@ -85,6 +85,11 @@ def _chunked(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
         yield chunk
 
 
+def _part_chunks(part: Part, size: int) -> Iterator[list[Sample]]:
+    """``part``'s samples in lists of ``size``, the next one read ahead in a thread."""
+    return _read_ahead(_chunked(part.samples(), size))
+
+
 class _ShardBuilder:
     """Collects one shard's rows from embedded chunks (see embed_chunk)."""
 
@@ -204,7 +209,7 @@ def embed_corpus(model, inputs: Sequence[str], out_dir: str | os.PathLike, *, mo
                 bar.update(rows + failed)
                 continue
             builder = _ShardBuilder(kinds, modality, captions)
-            for chunk in _read_ahead(_chunked(part.samples(), batch_size * chunk_batches)):
+            for chunk in _part_chunks(part, batch_size * chunk_batches):
                 failed = _embed_chunk(model, chunk, builder, batch_size)
                 summary.samples += len(chunk)
                 summary.failed += failed
@@ -218,11 +223,11 @@ def embed_corpus(model, inputs: Sequence[str], out_dir: str | os.PathLike, *, mo
 
 
 def embed_to_memory(model, inputs: Sequence[str], *, modality: str = "images", column: str | None = None,
-                    batch_size: int = 32, progress: bool = True, parts: list[Part] | None = None,
-                    ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+                    batch_size: int = 32, chunk_batches: int = 16, progress: bool = True,
+                    parts: list[Part] | None = None) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """The same streaming read and embedding, kept in memory for small jobs (``fastclip embed --out f.npy``):
     (N, E) float32 embeddings, their N keys in input order, and the (key, reason) of every failed sample
-    (``parts``: as for embed_corpus)."""
+    (``chunk_batches``, ``parts``: as for embed_corpus)."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     kinds = ("img",) if modality == "images" else ("text",)
@@ -233,7 +238,7 @@ def embed_to_memory(model, inputs: Sequence[str], *, modality: str = "images", c
 
     with tqdm(disable=not progress, desc=f"embedding {modality}", unit="item") as bar:
         for part in parts:
-            for chunk in _read_ahead(_chunked(part.samples(), batch_size * 16)):
+            for chunk in _part_chunks(part, batch_size * chunk_batches):
                 _embed_chunk(model, chunk, builder, batch_size)
                 bar.update(len(chunk))
                 bar.set_postfix(errors=len(builder.errors))
