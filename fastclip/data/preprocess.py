@@ -261,22 +261,33 @@ class Preprocess(DecodeLimits):
             top, left = (h - th) // 2, (w - tw) // 2
         return a[top:top + th, left:left + tw]
 
-    def resize_crop(self, img: Image.Image) -> np.ndarray:
-        """RGB PIL image -> uint8 array (H, W, 3) of the configured output size, before normalising."""
+    def _resize_plan(self, h: int, w: int) -> tuple[tuple[int, int], Any]:
+        """(the (height, width) an h x w image is resized to before the crop, the resampler)."""
         cfg = self.cfg
         th, tw = cfg.size_hw
-        h, w = img.height, img.width
-        resample = self._resample
         if cfg.resize_mode == "squash":
-            return self._resize_to(img, (th, tw), resample)
+            return (th, tw), self._resample
         if cfg.resize_mode == "shortest" and (cfg.shortest_edge is not None or th == tw):
-            hw = _short_side_size(h, w, cfg.shortest_edge if cfg.shortest_edge is not None else th)
-        else:  # open_clip ResizeKeepRatio: "longest" or non-square "shortest"
-            ratio = (max if cfg.resize_mode == "longest" else min)(h / th, w / tw)
-            hw = (round(h / ratio), round(w / ratio))
-            if cfg.resize_mode == "shortest" and cfg.numerics == "open_clip":
-                resample = Image.Resampling.BICUBIC  # open_clip does not pass interpolation here
-        return self._crop_or_pad(self._resize_to(img, hw, resample), th, tw)
+            return _short_side_size(h, w, cfg.shortest_edge if cfg.shortest_edge is not None else th), self._resample
+        # open_clip ResizeKeepRatio: "longest" or non-square "shortest"
+        ratio = (max if cfg.resize_mode == "longest" else min)(h / th, w / tw)
+        resample = self._resample
+        if cfg.resize_mode == "shortest" and cfg.numerics == "open_clip":
+            resample = Image.Resampling.BICUBIC  # open_clip does not pass interpolation here
+        return (round(h / ratio), round(w / ratio)), resample
+
+    def resize_crop(self, img: Image.Image) -> np.ndarray:
+        """RGB PIL image -> uint8 array (H, W, 3) of the configured output size, before normalising."""
+        hw, resample = self._resize_plan(img.height, img.width)
+        return self._crop_or_pad(self._resize_to(img, hw, resample), *self.cfg.size_hw)
+
+    @property
+    def output_size_is_fixed_point(self) -> bool:
+        """Whether ``resize_crop`` returns an image already at the output size unchanged (no resize, no crop):
+        then its levels stand for the original image exactly (the service keeps them instead of the full-size
+        image). False e.g. for a processor resizing the short side to more than its crop size."""
+        th, tw = self.cfg.size_hw
+        return self._resize_plan(th, tw)[0] == (th, tw)
 
     # -- public ----------------------------------------------------------------------------------
     @property

@@ -154,7 +154,7 @@ def _v1_routes(state: ServiceState) -> APIRouter:
                 raise APIError(413, f"input[{i}]: text has {len(text)} characters; the limit is "
                                     f"{cfg.max_text_chars}", param=f"input[{i}]", code="text_too_long")
         _check_room(st, len(texts), len(refs))
-        images = await load_request_images(refs, cfg, st.http) if refs else []
+        images = await load_request_images(refs, cfg, st.http, st.preprocess) if refs else []
         tokens = await asyncio.to_thread(st.count_tokens, [t for _, t in texts]) if texts else 0
         parts = await asyncio.gather(st.text.submit([t for _, t in texts]) if texts else _none(),
                                      st.image.submit(images) if images else _none())
@@ -179,7 +179,8 @@ def _v1_routes(state: ServiceState) -> APIRouter:
         if st.model.tokenizer is None:
             raise APIError(400, no_tokenizer_message(st.model, "classify"), code="no_tokenizer")
         _check_room(st, 0, len(req.input))
-        images = await load_request_images([(i, it.value) for i, it in enumerate(req.input)], cfg, st.http)
+        images = await load_request_images([(i, it.value) for i, it in enumerate(req.input)], cfg, st.http,
+                                            st.preprocess)
         weights = await st.class_weights(req.labels, req.templates)
         probs = st.probabilities(await st.image.submit(images), weights)
         data = [{"object": "classification", "index": i, "label": req.labels[int(np.argmax(p))],

@@ -4,17 +4,28 @@ A reference is a ``data:image/...;base64,`` URI, bare base64, or an ``http(s)`` 
 the operator's allow-list. Nothing here ever opens a local path: references become *bytes* first, and
 only bytes reach ``fastclip.data.images.load_image``. Every failure is an ``ItemProblem`` naming the item
 as ``input[i]`` with the reason; the route answers it with a 4xx.
+
+Memory: with the model's square-output ``Preprocess`` (``fastclip.data.preprocess``), an image is decoded
+under that preprocess's pixel budget (shared with ``embed_images``' own decode threads) and resized / cropped
+at once, so a request waiting for its micro-batch holds the output-size uint8 levels (224 x 224 x 3 bytes for
+a ViT-B) rather than the full-size image. ``embed_images`` maps those levels to the same embedding as the
+original image (resizing an image already at the output size is the identity; ``Preprocess.
+output_size_is_fixed_point``). Other preprocessing (NaFlex's per-image sizes) keeps the full-size image, still
+decoded under the budget.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
+import numpy as np
 from PIL import Image
 
 from ..data.images import load_image
+from ..data.preprocess import Preprocess
 from ..errors import ImageLoadError
 from .config import ServerConfig
 
@@ -112,31 +123,49 @@ async def image_bytes(ref: str, index: int, cfg: ServerConfig, client) -> bytes:
     return _b64(ref, index, cfg.max_image_bytes)
 
 
-def decode_image(data: bytes, index: int, cfg: ServerConfig) -> Image.Image:
-    """Encoded bytes -> RGB PIL image, refusing bombs (pixel limit read from the header) and tiny images."""
+def _early_resize(preprocess) -> Callable[[Image.Image], np.ndarray] | None:
+    """``preprocess.resize_crop`` where its uint8 output stands for the image exactly (see the module doc)."""
+    if isinstance(preprocess, Preprocess) and preprocess.output_size_is_fixed_point:
+        return preprocess.resize_crop
+    return None
+
+
+def decode_image(data: bytes, index: int, cfg: ServerConfig, preprocess=None) -> Image.Image | np.ndarray:
+    """Encoded bytes -> RGB PIL image, refusing bombs (pixel limit read from the header) and tiny images.
+
+    ``preprocess``: the model's; its pixel budget bounds the decode, and a square-output ``Preprocess`` makes
+    the result its uint8 (H, W, 3) resized / cropped levels instead of the full-size image (module doc)."""
+    resize = _early_resize(preprocess)
+    budget = getattr(preprocess, "budget", None)
+
+    def checked(img: Image.Image):  # runs on the full-size RGB image, inside the budget
+        w, h = img.size
+        if min(w, h) < cfg.min_image_side:
+            raise ItemProblem(index, f"image is {w}x{h}; both sides must be at least {cfg.min_image_side} pixels",
+                              400, "image_too_small")
+        return img if resize is None else resize(img)
+
     try:
-        img = load_image(data, index=index, max_pixels=cfg.max_image_pixels)
+        return load_image(data, index=index, max_pixels=cfg.max_image_pixels, budget=budget, transform=checked)
+    except ItemProblem:
+        raise
     except ImageLoadError as e:
         status = 413 if "too many pixels" in e.reason else 400
         raise ItemProblem(index, e.reason, status, "image_too_large" if status == 413 else "invalid_image") from None
     except Exception as e:  # anything else Pillow may raise on hostile data is still the item's fault
         raise ItemProblem(index, f"cannot decode image: {type(e).__name__}", 400, "invalid_image") from None
-    w, h = img.size
-    if min(w, h) < cfg.min_image_side:
-        raise ItemProblem(index, f"image is {w}x{h}; both sides must be at least {cfg.min_image_side} pixels",
-                          400, "image_too_small")
-    return img
 
 
-async def load_request_images(refs: list[tuple[int, str]], cfg: ServerConfig, client) -> list[Image.Image]:
-    """[(index in input, reference)] -> decoded images in the same order. Decoding runs in threads,
-    off the event loop; the first bad item (lowest index) raises its ItemProblem."""
+async def load_request_images(refs: list[tuple[int, str]], cfg: ServerConfig, client,
+                              preprocess=None) -> list[Image.Image | np.ndarray]:
+    """[(index in input, reference)] -> decoded images (see ``decode_image``) in the same order. Decoding runs
+    in threads, off the event loop; the first bad item (lowest index) raises its ItemProblem."""
     blobs = await asyncio.gather(*(image_bytes(ref, i, cfg, client) for i, ref in refs), return_exceptions=True)
     for blob in blobs:
         if isinstance(blob, BaseException):
             raise blob
 
     def decode_all():
-        return [decode_image(blob, i, cfg) for (i, _), blob in zip(refs, blobs, strict=True)]
+        return [decode_image(blob, i, cfg, preprocess) for (i, _), blob in zip(refs, blobs, strict=True)]
 
     return await asyncio.to_thread(decode_all)

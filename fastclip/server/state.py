@@ -36,6 +36,7 @@ class ServiceState:
         self.model, self.cfg = model, cfg
         self.name = cfg.model_name or getattr(getattr(model, "cfg", None), "name", None) or "fastclip"
         self.dim = int(model.cfg.embed_dim)
+        self.preprocess = getattr(model, "preprocess", None)  # request images decode under its budget (inputs.py)
         self.metrics = Metrics()
         self.executor: ThreadPoolExecutor | None = None
         self.text: MicroBatcher | None = None
