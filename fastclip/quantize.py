@@ -34,9 +34,16 @@ from .backends import int8 as quant
 from .backends.dispatch import compose_linear_act
 
 ALPHAS = (0.5, 0.75)  # SmoothQuant's migration strengths tried per layer
-# A layer's relative output error above which it is smoothed at run time, then kept fp32: unsmoothed int8
-# layers without outliers measure 0.5-1.5%, layers crushed by an outlier channel 10-100%.
+# A layer's relative output error above which it is smoothed at run time, then kept fp32, with 8-bit activations:
+# unsmoothed int8 layers without outliers measure 0.5-1.5%, layers crushed by an outlier channel 10-100%.
 MAX_LAYER_ERROR = 0.04
+
+
+def max_layer_error() -> float:
+    """``MAX_LAYER_ERROR`` scaled to the activation levels of the int8 GEMM in use: 7-bit activations (no VNNI)
+    have twice the quantisation step, and twice the error on every layer, outliers or not."""
+    return MAX_LAYER_ERROR * 255 / quant.activation_levels()
+
 MAX_FP32_FRACTION = 0.1  # at most this share of the int8 layers is kept fp32
 Batches = Callable[[], Iterable[tuple[str, torch.Tensor]]]
 
@@ -175,13 +182,14 @@ def layer_errors(model, batches: Batches, absmax: dict[str, torch.Tensor], alpha
     return sums, reference, scales
 
 
-def choose(model, sums: dict, scales: dict, max_error: float = MAX_LAYER_ERROR,
+def choose(model, sums: dict, scales: dict, max_error: float | None = None,
            max_fp32_fraction: float = MAX_FP32_FRACTION) -> tuple[quant.Int8Plan, list[LayerReport]]:
     """The plan from ``layer_errors``' sums (see the module docstring); layers never called stay unsmoothed.
 
     The v rows of an ``in_proj`` are divided by its ``out_proj``'s smoothing, which scales those output
     channels' errors and sizes alike (per-row weight scales, the bias divided too): in_proj is judged with
-    them so scaled, after out_proj has chosen."""
+    them so scaled, after out_proj has chosen. ``max_error`` None: ``max_layer_error()``."""
+    max_error = max_layer_error() if max_error is None else max_error
     layers, sites = quant.int8_layer_names(model), quant.fold_sites(model)
 
     def pick(name: str, row_scale: torch.Tensor | None) -> LayerReport:
@@ -209,9 +217,10 @@ def choose(model, sums: dict, scales: dict, max_error: float = MAX_LAYER_ERROR,
     return quant.Int8Plan(smooth, frozenset(r.name for r in ordered if r.fp32)), ordered
 
 
-def calibrate(model, batches: Batches, alphas=ALPHAS, max_error: float = MAX_LAYER_ERROR,
+def calibrate(model, batches: Batches, alphas=ALPHAS, max_error: float | None = None,
               max_fp32_fraction: float = MAX_FP32_FRACTION, progress: bool = False) -> Calibration:
-    """Measure the fp32 ``model`` (unchanged) on ``batches`` and choose its Int8Plan (module docstring)."""
+    """Measure the fp32 ``model`` (unchanged) on ``batches`` and choose its Int8Plan (module docstring);
+    ``max_error`` None: ``max_layer_error()``, the bar of the int8 GEMM in use."""
     if model.int8_weights is not None:
         raise ValueError("calibrate needs the fp32 model; this one is already int8")
     quant._check_fp32_cpu(model)

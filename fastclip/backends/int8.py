@@ -11,12 +11,14 @@ Scheme (per linear layer y = x @ W.T + b):
   packed, by ``gemm()``; ``FASTCLIP_INT8_GEMM=kernel|fbgemm`` overrides the default):
 
   * ``kernel``: fastclip's own (csrc/linear_int8.cpp, fastclip/backends/cpu/linear_int8.py): one scale and
-    zero point per row (token), u8 activations with VNNI, u7 without. The default where it runs its
-    AVX-512 VNNI path: 1.33-1.39x fbgemm's VNNI kernel inside a 12-layer ViT-B stack at 50 and 197 rows,
-    two threads (bench/bench_linear_int8.py, AMD EPYC Zen 4 with AVX-512 VNNI).
+    zero point per row (token), u8 activations with VNNI, u7 without. The default wherever it runs. With
+    AVX-512 VNNI: 1.33-1.39x fbgemm's VNNI kernel inside a 12-layer ViT-B stack at 50 and 197 rows, two
+    threads (bench/bench_linear_int8.py, AMD EPYC Zen 4). Without VNNI it is the default for accuracy: its
+    per-row scales kept EVA02-B-16's lowest per-item cosine to fp32 at 0.9911 where fbgemm's one scale per
+    call gave 0.9874 (docs/int8.md, "CPUs without VNNI"); its speed there against fbgemm's own AVX2 kernel
+    needs an AVX2-only CPU to measure (on a VNNI CPU fbgemm always runs its VNNI code).
   * ``fbgemm``: PyTorch's ``quantized::linear_dynamic`` (fbgemm), one scale / zero point per call. The
-    default elsewhere: without VNNI, fbgemm's own AVX2 kernel has not been measured against the kernel's
-    (on a VNNI CPU fbgemm always runs its VNNI code, so the AVX2-only comparison needs such a CPU).
+    default where the kernel cannot run (no C++ extension).
 
 Only ``linear`` changes: layer norm, attention, bias + activation and the pooled-row projections run
 the fp32 ops of the model's backend (``cpu``, the C++ kernels, or ``ref``). The int8 table looks the packed weight up by
@@ -72,7 +74,8 @@ def _kernel():
 
 KERNEL = _kernel()
 GEMMS = ("kernel", "fbgemm")
-KERNEL_DEFAULT_PATHS = ("avx512_vnni",)  # where the kernel is the default GEMM (measured faster; module docstring)
+# where the kernel is the default GEMM: every path it has (faster with VNNI, more accurate without: module docstring)
+KERNEL_DEFAULT_PATHS = ("avx512_vnni", "avx512", "avx_vnni", "avx2")
 
 
 def choose_gemm(setting: str | None = None) -> str:
@@ -93,6 +96,14 @@ def choose_gemm(setting: str | None = None) -> str:
 def gemm() -> str:
     """The int8 GEMM that new packs use: ``FASTCLIP_INT8_GEMM`` (kernel, fbgemm, auto), by default by the CPU."""
     return choose_gemm(os.environ.get("FASTCLIP_INT8_GEMM"))
+
+
+def activation_levels() -> int:
+    """The largest quantised activation value of the GEMM new packs use: 255 (8-bit) or 127 (7-bit: the kernel
+    and fbgemm without VNNI)."""
+    if gemm() == "kernel":
+        return KERNEL.levels()
+    return 127 if REDUCE_RANGE else 255
 
 
 def why_not_int8(device: torch.device | str, backend: str | None) -> str | None:
