@@ -165,17 +165,18 @@ def time_ms(fn, plan: Plan, rep_ms: float | None = None) -> float:
 
 
 def judge(out: torch.Tensor, exact: torch.Tensor, low: torch.Tensor, dtype: torch.dtype, atol: float | None = None,
-          loss: bool = False) -> dict:
+          loss: bool = False, logit_scale: float = 1.0) -> dict:
     """fastclip.tolerance's rule of ``dtype`` for one output: ``exact`` is the computation in float64, ``low``
     the same computation in ``dtype``. fp32: ``check_fp32`` (error <= FP32_ERROR_FACTOR x the fp32
-    reference's + a few ulp), for the losses' relative errors LOSS_FP32_FACTOR x OpenCLIP's fp32 error +
-    LOSS_FP32_FLOOR; fp16/bf16: ``low_precision_bound`` (2 x the reference's own error + ``atol``)."""
+    reference's + a few ulp), for the losses' relative errors ``loss_fp32_bound`` (LOSS_FP32_FACTOR x OpenCLIP's
+    fp32 error + a floor that grows with ``logit_scale``); fp16/bf16: ``low_precision_bound`` (2 x the
+    reference's own error + ``atol``)."""
     exact = exact.double()
     err, ref_err = tolerance.max_abs(out, exact), tolerance.max_abs(low, exact)
     if dtype != torch.float32:
         bound = tolerance.low_precision_bound(ref_err, dtype, atol)
     elif loss:
-        bound = tolerance.LOSS_FP32_FACTOR * ref_err + tolerance.LOSS_FP32_FLOOR
+        bound = tolerance.loss_fp32_bound(ref_err, logit_scale)
     else:
         bound = tolerance.fp32_bound(ref_err, exact.abs().max().item() if exact.numel() else 0.0)
     verdict = {"err": err, "ref_err": ref_err, "bound": bound, "ok": True}
@@ -355,7 +356,8 @@ def relative(ours: dict, exact: dict, low: dict) -> dict:
 def check_loss(row, plan, dtype, kind, n, d):
     img, txt = loss_features(n, d, dtype, plan, seed=n + d)
     ours, exact = loss_and_grads(kind, "triton", img, txt), loss_and_grads(kind, "float64", img, txt)
-    record(row, relative(ours, exact, loss_and_grads(kind, "open_clip", img, txt)), dtype, loss=True)
+    record(row, relative(ours, exact, loss_and_grads(kind, "open_clip", img, txt)), dtype, loss=True,
+           logit_scale=CLIP_SCALE if kind == "clip" else SIGLIP_SCALE)
 
 
 def check_section(rows: list, plan: Plan, run) -> None:

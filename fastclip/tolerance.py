@@ -99,9 +99,13 @@ LOSS_DISTRIBUTED = dict(rtol=2e-5, atol=2e-6)
 CHUNKED_LSE_RTOL = 1e-7
 
 
-def loss_fp32_bound(ref_err: float) -> float:
-    """Allowed relative error of an fp32 loss (or gradient) whose dense fp32 reference is ``ref_err`` off."""
-    return LOSS_FP32_FACTOR * ref_err + LOSS_FP32_FLOOR
+def loss_fp32_bound(ref_err: float, logit_scale: float = 1.0) -> float:
+    """Allowed relative error of an fp32 loss (or gradient) whose dense fp32 reference is ``ref_err`` off.
+
+    ``logit_scale``: the loss's temperature s. Each logit s * <a, b> of unit vectors is rounded in fp32 by up
+    to s * 2^-24, which moves the softmax / sigmoid terms, and so the loss and its gradients, by that much
+    relative whichever order the sums run in: the floor is at least that (100 for trained CLIP: 6e-6)."""
+    return LOSS_FP32_FACTOR * ref_err + max(LOSS_FP32_FLOOR, float(logit_scale) * 2.0 ** -24)
 
 
 def rounding_rel(dtype: torch.dtype) -> float:

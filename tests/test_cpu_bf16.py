@@ -8,6 +8,7 @@ refusal test checks what those CPUs do instead.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -103,10 +104,15 @@ def test_bf16_check_matches_the_cpu():
     """The check agrees with /proc/cpuinfo: bf16 runs exactly where the CPU lists avx512_bf16 or amx_bf16."""
     with open("/proc/cpuinfo") as f:
         flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-    listed = bool(flags & {"avx512_bf16", "amx_bf16"})
+    held_to_avx2 = os.environ.get("FASTCLIP_DISABLE_AVX512", "").strip().lower() in ("1", "true", "yes", "on")
+    listed = bool(flags & {"avx512_bf16", "amx_bf16"}) and not held_to_avx2  # .ci/emulate-avx2 holds it to AVX2
     assert bool(bf16.cpu_bf16_instructions()) == listed
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert not HAS_BF16
     else:
         assert HAS_BF16 == listed
     assert bf16.why_not_bf16("cuda") is None  # GPUs are not judged by the CPU's instructions
+    bf16.check_bf16("cpu", "triton")  # interpreted Triton kernels (tests, gpu_check --smoke) run bf16 on any CPU
+    if not HAS_BF16:
+        with pytest.raises(ValueError, match="needs AVX512-BF16 or AMX-BF16"):
+            bf16.check_bf16("cpu", "cpu")

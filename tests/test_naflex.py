@@ -25,6 +25,7 @@ from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
 
 import fastclip
 from fastclip import ref
+from fastclip.backends import bf16
 from fastclip.data.naflex import NaflexBatch, NaflexConfig, NaflexPreprocess, target_size
 from fastclip.errors import CheckpointError
 from fastclip.tolerance import MIN_COSINE, PIXEL_ATOL, UPSTREAM_ATOL, max_abs
@@ -235,6 +236,8 @@ def test_pixel_tensors_are_unpadded_sequences(hf_naflex):
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
 def test_low_precision_embeddings_keep_their_direction(hf_naflex, precision):
     """int8 (calibrated on square pixel tensors) and bf16: per-image cosine to transformers' fp32 >= MIN_COSINE."""
+    if precision == "bf16" and bf16.why_not_bf16("cpu"):
+        pytest.skip(f"{bf16.why_not_bf16('cpu')} (tests/test_cpu_bf16.py checks the refusal)")
     model_hf, processor, directory = hf_naflex
     model = fastclip.load(directory, precision=precision)
     images = make_images()
