@@ -28,10 +28,23 @@ aspect ratios, preprocessing in every row: fastclip's ``embed_images``, transfor
     python -m pytest bench/bench_e2e.py -k "test_eva_images and PE-Core-B-16"
     python -m pytest bench/bench_e2e.py -k "test_naflex_images"
 
+OpenAI ResNets RN50 (224) and RN50x4 (288) at batch 1 and 32 (``test_resnet_images``: open_clip built by name,
+every peer of the EVA rows; FLOPs from bench/flops.py ``resnet_image_flops``, the convolutions and the attention
+pool's useful work):
+
+    python -m pytest bench/bench_e2e.py -k "test_resnet_images and RN50-"
+
 Text: 256 captions of 5-40 words (bench/captions.py) through the ViT-B-32 text
 tower, tokenization included in every row: fastclip's ``embed_texts`` and ``encode_text(tokenizer(...))``,
 open_clip, ONNX Runtime and OpenVINO on open_clip's 77-token input, transformers with ``padding="longest"``
 and its attention mask.
+
+Chinese-CLIP text (``test_chinese_clip_captions``): 256 Chinese captions (peers.chinese_captions) through a
+transformers ChineseCLIPModel with CN-CLIP-ViT-B-16's text tower (RoBERTa-wwm-ext base), tokenization included:
+fastclip's ``embed_texts`` / ``encode_text`` (int8 too) on its directory, transformers eager with
+``padding="longest"``, ``torch.compile`` and ONNX Runtime fp32 on the 52-token input:
+
+    python -m pytest bench/bench_e2e.py -k test_chinese_clip_captions
 
 Each row's ``extra_info``: items_per_s (images/s or texts/s), latency_ms (mean time of one call),
 gflops_per_s (bench/flops.py), fraction_of_sgemm (this machine's sgemm rate, bench/sgemm.py, measured
@@ -48,13 +61,16 @@ import torch
 
 from captions import realistic_captions
 from conftest import rate
-from flops import caption_flops, image_flops, naflex_image_flops
+from flops import bert_caption_flops, caption_flops, image_flops, naflex_image_flops, resnet_image_flops
 from peers import (
+    CN_CLIP_TEXT_PEERS,
     NAFLEX_IMAGE_PEERS,
     NAFLEX_SIZES,
     OPENCLIP_IMAGE_PEERS,
+    ChineseClipPeerSet,
     NaflexPeerSet,
     OpenClipPeerSet,
+    chinese_captions,
     naflex_images,
     precision,
     unavailable,
@@ -205,3 +221,35 @@ def test_naflex_images(benchmark, peer_set, sgemm_gflops, peak_rates, arch, batc
     with torch.inference_mode():
         benchmark.pedantic(fn, args=(images,), rounds=NAFLEX_ROUNDS[batch], warmup_rounds=1)
     _record(benchmark, peers, impl, "image", batch, _FLOPS[arch, batch], sgemm_gflops, peak_rates, batch=batch)
+
+
+# ---------------------------------------------------------------- OpenAI ResNet images
+# RN50 and RN50x4 (open_clip's ModifiedResNet, built by name, bench/peers.py OpenClipPeerSet): the EVA rows' peers
+# on standard-normal pixels; FLOPs per image counted from the config (bench/flops.py resnet_image_flops).
+RESNET_ROUNDS = {"RN50": {1: 10, 32: 3}, "RN50x4": {1: 5, 32: 2}}  # architecture: {batch: rounds}
+
+
+@pytest.mark.parametrize("arch, batch, impl", _model_cases(RESNET_ROUNDS, OPENCLIP_IMAGE_PEERS))
+def test_resnet_images(benchmark, peer_set, sgemm_gflops, peak_rates, arch, batch, impl):
+    peers = _family_peers(peer_set, arch, lambda: OpenClipPeerSet(arch))
+    if arch not in _FLOPS:
+        _FLOPS[arch] = resnet_image_flops(peers.cfg)
+    _time_images(benchmark, peers, arch, batch, impl, RESNET_ROUNDS[arch][batch], sgemm_gflops, peak_rates)
+
+
+# ---------------------------------------------------------------- Chinese-CLIP text tower
+CN_CLIP = "CN-CLIP-ViT-B-16"
+CN_CAPTIONS = chinese_captions(256, seed=0)
+
+
+@pytest.mark.parametrize("impl", [pytest.param(impl, marks=_missing(impl)) for impl in CN_CLIP_TEXT_PEERS])
+def test_chinese_clip_captions(benchmark, peer_set, sgemm_gflops, peak_rates, impl):
+    peers = _family_peers(peer_set, CN_CLIP, ChineseClipPeerSet)
+    benchmark.group = f"{CN_CLIP} text, {len(CN_CAPTIONS)} Chinese captions"
+    if CN_CLIP not in _FLOPS:
+        _FLOPS[CN_CLIP] = bert_caption_flops(peers.hf, peers.tokenizer, CN_CAPTIONS) / len(CN_CAPTIONS)
+    fn = _build_or_skip(lambda: peers.text_encoder(impl, CN_CAPTIONS), impl)
+    with torch.inference_mode():
+        benchmark.pedantic(fn, args=(CN_CAPTIONS,), rounds=3, warmup_rounds=1)
+    _record(benchmark, peers, impl, "text", len(CN_CAPTIONS), _FLOPS[CN_CLIP], sgemm_gflops, peak_rates,
+            batch=len(CN_CAPTIONS))

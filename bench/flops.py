@@ -96,3 +96,44 @@ def naflex_flops(cfg, patches: int) -> int:
     flops = 2 * patches * v.patch_dim * v.width + 2 * patches * v.position_grid ** 2 * v.width
     flops += _blocks_flops(patches, v.width, v.layers, v.mlp_width, v.mlp_width)
     return flops + _pool_flops(patches, v.width, v.mlp_width)
+
+
+def resnet_image_flops(cfg) -> int:
+    """FLOPs (2 per multiply-add) of one image through an OpenAI ResNet image tower (RN50, ...) from its fastclip
+    config: every convolution (the 3x3 stem, each Bottleneck's 1x1 / 3x3 / 1x1 and downsample 1x1) at its own
+    output size, then the attention pool's useful work -- k and v projections of the (S/32)² + 1 tokens, the one
+    mean-token query (its projection, q.k and attention.v) and ``c_proj`` on the pooled row. (open_clip's pool runs
+    every token as a query and keeps the first; that extra work is not counted.) Average pools, BatchNorm and
+    ReLU are elementwise and, as ``FlopCounterMode`` does, not counted."""
+    v = cfg.vision
+    w, s = v.width, v.image_size // 2  # the stem's first convolution has stride 2
+    macs = s * s * 9 * (3 * (w // 2) + (w // 2) * (w // 2) + (w // 2) * w)
+    s //= 2  # the stem's 2x2 average pool
+    inplanes = w
+    for i, blocks in enumerate(v.layers):
+        planes = w * 2 ** i
+        for b in range(blocks):
+            stride = 2 if i > 0 and b == 0 else 1
+            macs += s * s * (inplanes * planes + 9 * planes * planes)  # conv1 and conv2 at the input size
+            out = s // stride
+            macs += out * out * planes * 4 * planes  # conv3 after the average pool
+            if b == 0:  # the downsample branch's 1x1 convolution (every stage's first block)
+                macs += out * out * inplanes * 4 * planes
+            inplanes, s = 4 * planes, out
+    C, tokens = v.feature_width, v.grid ** 2 + 1
+    macs += 2 * tokens * C * C + C * C + 2 * tokens * C + C * cfg.embed_dim  # k, v; q; q.k and p.v; c_proj
+    return 2 * macs
+
+
+# ---------------------------------------------------------------- Chinese-CLIP text (BERT)
+def bert_caption_flops(hf_model, hf_tokenizer, captions: list[str], context_length: int = 52) -> int:
+    """Total FLOPs of ``captions`` through a transformers ChineseCLIPModel's ``get_text_features``, each caption
+    run alone at its own token length ([CLS] ... [SEP], at most ``context_length``), as ``caption_flops``."""
+    encoded = hf_tokenizer(captions, truncation=True, max_length=context_length)["input_ids"]
+    lengths = Counter(len(ids) for ids in encoded)
+    total = 0
+    for length, count in lengths.items():
+        ids = torch.full((1, length), 2769)  # any word piece
+        ids[0, 0], ids[0, -1] = hf_tokenizer.cls_token_id, hf_tokenizer.sep_token_id
+        total += count * count_flops(hf_model.get_text_features, input_ids=ids, attention_mask=torch.ones_like(ids))
+    return total

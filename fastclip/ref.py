@@ -249,3 +249,33 @@ def resample_positions(grid: torch.Tensor, spatial_shapes: torch.Tensor, max_len
         out[b, : h * w] = r
         out[b, h * w:] = r[0]
     return out.to(grid.dtype)
+
+
+# activations ``conv2d_act`` takes (the ResNet towers' convolutions: ReLU or none)
+CONV_ACTS = ("none", "relu")
+
+
+def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, act: str,
+               residual: torch.Tensor | None = None, upcast: bool = False) -> torch.Tensor:
+    """act(conv2d(x, weight, stride, padding) + bias + residual), channels-last.
+
+    x: (B, C, H, W) (channels-last memory format; another layout is converted), weight: (C', C, kh, kw),
+    bias: (C',) or None, stride / padding: int or (sh, sw) / (ph, pw), residual: (B, C', H', W') or None,
+    act in ``CONV_ACTS`` -> (B, C', H', W') in x's dtype, channels-last memory format.
+    """
+    if act not in CONV_ACTS:
+        raise ValueError(f"conv2d_act: activation {act!r} is not one of {CONV_ACTS}")
+    if x.ndim != 4 or weight.ndim != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"conv2d_act: x must be (B, C, H, W) and weight (C', C, kh, kw) with the same C, got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    dtype = x.dtype
+    x, weight, bias, residual = _maybe_upcast(upcast, x, weight, bias, residual)
+    y = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, stride, padding)  # (B, C', H', W')
+    if residual is not None:
+        if residual.shape != y.shape:
+            raise ValueError(f"conv2d_act: residual {tuple(residual.shape)} does not match the output "
+                             f"{tuple(y.shape)}")
+        y = y + residual
+    if act == "relu":
+        y = torch.relu(y)
+    return y.to(dtype).contiguous(memory_format=torch.channels_last)

@@ -19,8 +19,9 @@ import torch
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from .data.tokenizers import ClipTokenizer, SiglipTokenizer, _check_texts, _read_json, _token_str, tokenizer_from_dir
+from .data.wordpiece import WordPieceTokenizer
 
-__all__ = ["ClipTokenizer", "SiglipTokenizer", "tokenizer_from_dir", "HFTokenizer"]
+__all__ = ["ClipTokenizer", "SiglipTokenizer", "tokenizer_from_dir", "HFTokenizer", "WordPieceTokenizer"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ token gather), ``attention(..., key_padding_mask=None)``. Each calls a ``torch.l
 Not here, on purpose: ``linear`` stays ``F.linear`` (cuBLAS GEMMs with fused epilogues beat a Triton
 GEMM at these shapes and need no tuning), and ``l2_normalize`` stays the reference (``F.normalize`` on a
 (B, E) matrix is negligible; the model's normalised paths go through ``normalize_project``).
+``conv2d_act`` (ResNet towers) stays the reference too: ``F.conv2d`` runs cuDNN on CUDA tensors.
 """
 from __future__ import annotations
 

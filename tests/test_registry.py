@@ -93,14 +93,16 @@ def test_undeclared_linear_layers_cannot_stay_fp32_under_int8(bag_type):
         int8.quantize_model(model)
 
 
-@pytest.mark.parametrize("vision_cfg, needle", [
-    ({"layers": [3, 4, 6, 3], "width": 64, "image_size": 224}, "'resnet' (OpenAI ResNet image towers)"),
-    ({"type": "no-such-tower"}, "'no-such-tower' (an unknown tower type)"),
-])
-def test_unregistered_tower_types_are_named(vision_cfg, needle):
-    with pytest.raises(ValueError, match=r"supported: .*\bvit\b") as info:
-        parse_config("odd", {"embed_dim": 8, "vision_cfg": vision_cfg, "text_cfg": TEXT})
-    assert needle in str(info.value) and "'odd'" in str(info.value)
+def test_unregistered_tower_types_are_named():
+    with pytest.raises(ValueError, match=r"supported: .*\bresnet\b.*\bvit\b") as info:
+        parse_config("odd", {"embed_dim": 8, "vision_cfg": {"type": "no-such-tower"}, "text_cfg": TEXT})
+    assert "'no-such-tower' (an unknown tower type)" in str(info.value) and "'odd'" in str(info.value)
+
+
+def test_layer_lists_are_resnet_towers():
+    cfg = parse_config("odd", {"embed_dim": 8, "vision_cfg": {"layers": [3, 4, 6, 3], "width": 64, "image_size": 224},
+                               "text_cfg": TEXT})
+    assert (cfg.vision.type, cfg.vision.layers, cfg.vision.width) == ("resnet", (3, 4, 6, 3), 64)
 
 
 def test_unsupported_timm_trunks_are_named():
@@ -109,9 +111,11 @@ def test_unsupported_timm_trunks_are_named():
                              "text_cfg": TEXT})
 
 
-def test_hf_text_towers_are_named():
-    with pytest.raises(ValueError, match=r"text tower type 'hf' \(Hugging Face text towers\)"):
-        parse_config("odd", {"embed_dim": 8, "vision_cfg": VIT, "text_cfg": {"hf_model_name": "xlm-roberta-base"}})
+def test_hf_text_towers_parse_by_name():
+    cfg = parse_config("odd", {"embed_dim": 8, "vision_cfg": VIT, "text_cfg": {"hf_model_name": "xlm-roberta-base"}})
+    assert (cfg.text.type, cfg.text.width, cfg.text.layers, cfg.text.vocab_size) == ("hf", 768, 12, 250002)
+    with pytest.raises(ValueError, match=r"'no-such/model' is not a model fastclip knows.*hf_model_config"):
+        parse_config("odd", {"embed_dim": 8, "vision_cfg": VIT, "text_cfg": {"hf_model_name": "no-such/model"}})
 
 
 def test_op_names_are_the_op_table_fields():
@@ -154,5 +158,7 @@ def test_every_builtin_config_builds_through_the_registry():
     for name in builtins:  # (other tests register configs of their own)
         cfg = fastclip.get_model_config(name)
         assert cfg.vision.type in vision and cfg.text.type in text
-        expected = "timm" if name.startswith(("EVA", "PE-Core", "MobileCLIP")) else "vit"
-        assert cfg.vision.type == expected and cfg.text.type == "clip", name
+        vision_type = ("timm" if name.startswith(("EVA", "PE-Core", "MobileCLIP")) else
+                       "resnet" if name.startswith(("RN", "CN-CLIP-RN")) else "vit")
+        text_type = "hf" if name.startswith(("xlm-roberta", "roberta", "CN-CLIP")) else "clip"
+        assert (cfg.vision.type, cfg.text.type) == (vision_type, text_type), name

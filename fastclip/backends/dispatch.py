@@ -43,6 +43,7 @@ class OpTable:
     l2_normalize: Callable
     rotary: Callable
     resample_positions: Callable
+    conv2d_act: Callable
 
 
 OP_NAMES: tuple[str, ...] = tuple(f.name for f in fields(OpTable) if f.name != "backend")

@@ -432,6 +432,10 @@ def tokenizer_from_dir(path, context_length: int | None = None):
     names = ("vocab.json", "merges.txt", "tokenizer.json", "spiece.model")
     files = {f for f in names if os.path.isfile(os.path.join(path, f))}
     klass = _read_json(os.path.join(path, "tokenizer_config.json")).get("tokenizer_class") or ""
+    if model_type == "chinese_clip" or klass.removesuffix("Fast") == "BertTokenizer":  # BERT WordPiece (Chinese-CLIP)
+        from .wordpiece import WordPieceTokenizer
+
+        return WordPieceTokenizer.from_dir(path, context_length or 52)
     is_clip = model_type in ("clip", "clip_text_model") or klass.removesuffix("Fast") == "CLIPTokenizer"
     if {"vocab.json", "merges.txt"} <= files and is_clip:
         _check_clip_vocab(path)

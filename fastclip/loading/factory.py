@@ -14,7 +14,7 @@ from ..backends import int8 as quant
 from ..errors import CheckpointError, UnknownModelError
 from ..models.clip import CLIP
 from ..models.config import ModelConfig, get_model_config, list_models, parse_config
-from . import hub, keymaps, keymaps_eva, keymaps_eva_baai, keymaps_mobileclip, keymaps_pe_meta
+from . import hub, keymaps, keymaps_chinese_clip, keymaps_eva, keymaps_eva_baai, keymaps_mobileclip, keymaps_pe_meta
 from .checkpoints import read_state_dict
 
 # "int8": fp32 master weights, linear layers packed as int8 after loading (fastclip/backends/int8.py)
@@ -34,7 +34,7 @@ def _check_precision(precision: str, device, backend: str | None) -> None:
     if precision == "int8":
         quant.check_int8(device, backend)
     elif precision == "bf16":
-        bf16.check_bf16(device)
+        bf16.check_bf16(device, backend)
 
 
 def _finish(model: CLIP, precision: str, backend: str | None) -> CLIP:
@@ -61,10 +61,16 @@ def _attach_io(model: CLIP, tokenizer_dir: Path | None, preprocess_cfg=None, rep
         from ..data.tokenizers import siglip_tokenizer_help
 
         model.tokenizer_missing = siglip_tokenizer_help(tokenizer_dir, repo_id)
+    if model.tokenizer is None and tokenizer_dir is not None and cfg.tokenizer == "wordpiece":  # Chinese-CLIP
+        model.tokenizer_missing = (f"{tokenizer_dir} has no vocab.txt (nor a WordPiece tokenizer.json); copy the "
+                                   "model's tokenizer files into it, or set model.tokenizer = "
+                                   "fastclip.tokenizer.WordPieceTokenizer.chinese_clip() (cn_clip's vocabulary)")
     return model
 
 
 def _tokenizer_for(cfg: ModelConfig, tokenizer_dir: Path | None):
+    if cfg.tokenizer == "wordpiece":  # Chinese-CLIP: the directory's BERT vocabulary, else cn_clip's bundled one
+        return _wordpiece_tokenizer(cfg, tokenizer_dir)
     if getattr(cfg.text, "hf_tokenizer_name", None):  # open_clip's HFTokenizer (MetaCLIP 2): the directory's files
         try:
             return None if tokenizer_dir is None else _hf_text_tokenizer(cfg, tokenizer_dir)
@@ -83,6 +89,18 @@ def _tokenizer_for(cfg: ModelConfig, tokenizer_dir: Path | None):
 
 
 TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt"]  # the tokenizer files of a hub repo
+
+
+def _wordpiece_tokenizer(cfg: ModelConfig, tokenizer_dir: Path | None):
+    """Chinese-CLIP's WordPiece tokenizer: a transformers directory's (None if it has no vocabulary), or with no
+    directory (cn_clip files, create_model) the bundled cn_clip vocabulary."""
+    from ..data.wordpiece import WordPieceTokenizer, has_wordpiece_vocab
+
+    if tokenizer_dir is None:
+        return WordPieceTokenizer.chinese_clip(cfg.text.context_length)
+    if has_wordpiece_vocab(tokenizer_dir):
+        return WordPieceTokenizer.from_dir(tokenizer_dir, cfg.text.context_length)
+    return None
 
 
 def _hf_text_tokenizer(cfg: ModelConfig, tokenizer_dir: Path):
@@ -110,6 +128,9 @@ def _attach_hub_tokenizer(model: CLIP) -> CLIP:
 
 def _check_keys(model: CLIP, sd: dict, source: str) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key in expected:  # BatchNorm's step counter: torch's own strict load accepts a state dict without it
+        if key.endswith(".num_batches_tracked") and key not in sd:
+            sd[key] = torch.zeros((), dtype=torch.long)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     mis_shaped = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
@@ -170,7 +191,10 @@ def create_model(name: str, device="cpu", precision: str = "fp32", backend: str 
 
 
 def _with_quick_gelu(cfg: ModelConfig) -> ModelConfig:
-    return replace(cfg, vision=replace(cfg.vision, act="quick_gelu"), text=replace(cfg.text, act="quick_gelu"))
+    """A pretrained tag marked quick_gelu, as open_clip applies it: to the image tower and to a CLIP text tower
+    (a Hugging Face text model keeps its own activation)."""
+    text = replace(cfg.text, act="quick_gelu") if cfg.text.type == "clip" else cfg.text
+    return replace(cfg, vision=replace(cfg.vision, act="quick_gelu"), text=text)
 
 
 def _weights_file_of(directory: Path) -> Path:
@@ -208,6 +232,9 @@ def _load_hf_dir(directory: Path, cfg: ModelConfig | None, device, precision, ba
 
         return attach_naflex_preprocess(_attach_io(model, directory, None, name), pre_file)
     pre = PreprocessConfig.from_hf(json.loads(pre_file.read_text())) if pre_file.is_file() else None
+    if pre is None and (directory / "processor_config.json").is_file():  # transformers 5's processor save_pretrained
+        nested = json.loads((directory / "processor_config.json").read_text()).get("image_processor")
+        pre = PreprocessConfig.from_hf(nested) if isinstance(nested, dict) else None
     return _attach_io(model, directory, pre, name)  # name: the hub id the directory came from, if any
 
 
@@ -221,10 +248,26 @@ def _load_openclip_dir(directory: Path, device, precision, backend, trust, name:
     weights = next((directory / f for f in hub.OPENCLIP_WEIGHTS if (directory / f).is_file()), None)
     if weights is None:
         raise CheckpointError(f"no weights in {directory}: expected one of {', '.join(hub.OPENCLIP_WEIGHTS)}")
-    return _from_state_dict(cfg, read_state_dict(weights, trust=trust), str(weights), device, precision, backend)
+    return _from_state_dict(cfg, read_state_dict(weights, trust=trust), str(weights), device, precision, backend,
+                            _own_tokenizer_dir(cfg, directory))
 
 
-def _from_state_dict(cfg: ModelConfig, sd: dict, source: str, device, precision, backend) -> CLIP:
+_TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "spiece.model")
+
+
+def _own_tokenizer_dir(cfg: ModelConfig, directory: Path) -> Path | None:
+    """``directory`` if it holds the tokenizer files of its text_cfg's ``hf_tokenizer_name`` (open_clip's
+    push_to_hf_hub saves them beside the weights), else None (that hub repo is read instead)."""
+    if getattr(cfg.text, "hf_tokenizer_name", None) and any((directory / f).is_file() for f in _TOKENIZER_FILES):
+        return directory
+    return None
+
+
+def _from_state_dict(cfg: ModelConfig, sd: dict, source: str, device, precision, backend,
+                     tokenizer_dir: Path | None = None) -> CLIP:
+    if keymaps_chinese_clip.is_chinese_clip_layout(sd):  # ChineseCLIPModel / OFA-Sys cn_clip state dicts
+        sd = keymaps_chinese_clip.from_chinese_clip(sd, cfg)
+        return _attach_io(_build(cfg, sd, source, device, precision, backend), tokenizer_dir)
     if keymaps.is_hf_layout(sd):
         sd = keymaps.from_hf(sd, cfg)
     elif keymaps_eva.is_openclip_eva_layout(sd):
@@ -235,7 +278,7 @@ def _from_state_dict(cfg: ModelConfig, sd: dict, source: str, device, precision,
         sd = keymaps_eva_baai.from_baai_eva(sd)
     elif keymaps_pe_meta.is_meta_pe_layout(sd):  # Meta's Perception Encoder release files (facebook/PE-Core-*)
         sd = keymaps_pe_meta.from_meta_pe(sd)
-    elif keymaps.is_openclip_layout(sd):
+    elif keymaps.is_openclip_layout(sd) or keymaps.is_openclip_hf_text_layout(sd):  # hf text: open_clip's names
         sd = keymaps.from_openclip(sd)
     elif ("visual.conv1.weight" in sd and "text.token_embedding.weight" in sd) or keymaps_eva.is_fastclip_eva_layout(sd):
         pass  # fastclip's own names: torch.save(model.state_dict()) of a fastclip model
@@ -246,7 +289,7 @@ def _from_state_dict(cfg: ModelConfig, sd: dict, source: str, device, precision,
             f"checkpoint {source} is neither an OpenAI/OpenCLIP nor a Hugging Face CLIP/SigLIP state dict "
             f"(first keys: {', '.join(list(sd)[:5])})"
         )
-    return _attach_hub_tokenizer(_attach_io(_build(cfg, sd, source, device, precision, backend), None))
+    return _attach_hub_tokenizer(_attach_io(_build(cfg, sd, source, device, precision, backend), tokenizer_dir))
 
 
 def _load_meta_pe(arch: str, sd: dict, source: str, device, precision, backend) -> CLIP:
@@ -293,9 +336,22 @@ def _load_dir_int8(directory: Path, path: Path, device, precision, backend, trus
     return model
 
 
+def _is_timm_and_openclip_dir(path: Path) -> bool:
+    """A hub repo of the timm org that holds both timm's image trunk (config.json with ``architecture``,
+    model.safetensors) and open_clip's whole model (open_clip_config.json + weights): the open_clip files load."""
+    if not (path / "open_clip_config.json").is_file() or not (path / "config.json").is_file():
+        return False
+    try:
+        return keymaps_eva.is_timm_trunk_config(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError):
+        return False
+
+
 def _load_path(path: Path, device, precision, backend, trust, name: str | None = None) -> CLIP:
     """``name``: the hub id a downloaded directory came from (its snapshot folder is named by a commit hash)."""
     if path.is_dir():
+        if _is_timm_and_openclip_dir(path):  # timm/resnet50_clip.openai: timm's trunk files and open_clip's
+            return _load_openclip_dir(path, device, precision, backend, trust, name)
         if (path / "config.json").is_file():
             return _load_hf_dir(path, None, device, precision, backend, trust, name)
         if (path / "open_clip_config.json").is_file():
@@ -311,6 +367,9 @@ def _load_path(path: Path, device, precision, backend, trust, name: str | None =
         raise CheckpointError(f"{path} is a Hugging Face state dict: load its directory (with config.json) instead")
     if keymaps_eva_baai.is_baai_eva_layout(sd):
         raise CheckpointError(keymaps_eva_baai.needs_name(str(path), sd))
+    if keymaps_chinese_clip.is_cn_clip_layout(sd):  # OFA-Sys cn_clip .pt: the CN-CLIP architecture its shapes fit
+        cfg = get_model_config(keymaps_chinese_clip.architecture_of(str(path), sd))
+        return _from_state_dict(cfg, sd, str(path), device, precision, backend)
     if keymaps_pe_meta.is_meta_pe_layout(sd):  # no config in the file: the architecture from its shapes
         return _load_meta_pe(keymaps_pe_meta.architecture_of(str(path), sd), sd, str(path), device, precision, backend)
     try:
@@ -396,12 +455,18 @@ def get_tokenizer(name_or_path: str | os.PathLike):
 
     name = os.fspath(name_or_path)
     if Path(name).is_dir():
+        if keymaps_chinese_clip.is_chinese_clip_dir(Path(name)):  # ChineseCLIPModel: its BERT WordPiece vocabulary
+            from ..data.wordpiece import WordPieceTokenizer
+
+            return WordPieceTokenizer.from_dir(name, keymaps_chinese_clip.CONTEXT_LENGTH)
         if keymaps.is_metaclip2_dir(Path(name)):  # MetaClip2Model: its tokenizer as transformers runs it
             return _hf_text_tokenizer(keymaps.config_from_hf(json.loads((Path(name) / "config.json").read_text()),
                                                               name), Path(name))
         return tokenizer_from_dir(name)
     if name in list_models():
         cfg = get_model_config(name)
+        if cfg.tokenizer == "wordpiece":  # Chinese-CLIP: cn_clip's bundled vocabulary
+            return _wordpiece_tokenizer(cfg, None)
         if getattr(cfg.text, "hf_tokenizer_name", None):  # open_clip's HFTokenizer (MetaCLIP 2)
             return _hf_text_tokenizer(cfg, hub.download_repo(cfg.text.hf_tokenizer_name, TOKENIZER_PATTERNS))
         if cfg.tokenizer == "clip":

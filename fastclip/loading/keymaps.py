@@ -15,7 +15,8 @@ from ..models.config import INCEPTION_MEAN, INCEPTION_STD, ModelConfig, parse_co
 
 _TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 # Entries of OpenAI / OpenCLIP files that are not weights.
-_NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "attn_mask", "text.attn_mask")
+_NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "attn_mask", "text.attn_mask",
+                "text.transformer.embeddings.position_ids")  # a buffer older transformers saved (HF text towers)
 
 
 def from_openclip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,6 +41,12 @@ def is_openclip_layout(sd: dict) -> bool:
     return "visual.conv1.weight" in sd and "token_embedding.weight" in sd
 
 
+def is_openclip_hf_text_layout(sd: dict) -> bool:
+    """open_clip's CustomTextCLIP with a Hugging Face text tower (HFTextEncoder: fastclip's text type "hf",
+    fastclip/models/bert.py, holds its names); ``from_openclip`` maps it."""
+    return "text.transformer.embeddings.word_embeddings.weight" in sd
+
+
 def is_hf_layout(sd: dict) -> bool:
     return any(k.startswith("vision_model.") for k in sd)
 
@@ -49,8 +56,43 @@ def _count_layers(sd: dict, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def _infer_openai_resnet_config(sd: dict[str, torch.Tensor], name: str) -> ModelConfig:
+    """An OpenAI ResNet CLIP (RN50, ...) from shapes, as open_clip's build_model_from_openai_state_dict infers
+    it: blocks per stage from the ``visual.layer{b}.{i}.`` keys, width from ``visual.layer1.0.conv1.weight``,
+    image size 32 x the attention pool's grid (its positional embedding has grid² + 1 rows)."""
+    try:
+        layers = [len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}.")}) for b in (1, 2, 3, 4)]
+        width = sd["visual.layer1.0.conv1.weight"].shape[0]
+        positions = sd["visual.attnpool.positional_embedding"].shape[0]
+        text_width, embed_dim = sd["ln_final.weight"].shape[0], sd["text_projection"].shape[1]
+        t_mlp = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        context_length, vocab_size = sd["positional_embedding"].shape[0], sd["token_embedding.weight"].shape[0]
+    except KeyError as exc:
+        raise CheckpointError(
+            f"cannot infer the architecture: the checkpoint lacks {exc.args[0]!r}; it does not look like an OpenAI "
+            f"CLIP ResNet checkpoint (pass the architecture name, e.g. fastclip.load('RN50', pretrained=path))"
+        ) from None
+    grid = round((positions - 1) ** 0.5)
+    if grid * grid + 1 != positions or 0 in layers:
+        raise CheckpointError(f"cannot infer the architecture: visual.attnpool.positional_embedding has {positions} "
+                              f"rows (not a square grid + 1) or a stage has no blocks (blocks per stage: {layers})")
+    raw = {
+        "embed_dim": int(embed_dim),
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": int(grid * 32), "layers": layers, "width": int(width)},
+        "text_cfg": {
+            "context_length": int(context_length), "vocab_size": int(vocab_size), "width": int(text_width),
+            "heads": int(text_width // 64), "layers": _count_layers(sd, r"transformer\.resblocks\.(\d+)\."),
+            "mlp_ratio": t_mlp / text_width,
+        },
+    }
+    return parse_config(name, raw)
+
+
 def infer_openai_config(sd: dict[str, torch.Tensor], name: str = "openai") -> ModelConfig:
     """Architecture of an OpenAI-layout CLIP state dict, from tensor shapes (OpenAI implies QuickGELU)."""
+    if "visual.layer1.0.conv1.weight" in sd:  # a ResNet image tower
+        return _infer_openai_resnet_config(sd, name)
     try:
         width = sd["visual.conv1.weight"].shape[0]
         patch = sd["visual.conv1.weight"].shape[-1]
@@ -108,6 +150,12 @@ def from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Te
     the projection matrices transposed (``Linear.weight`` (E, W) -> ``proj`` (W, E)). Keys left over
     are reported by the caller as unexpected.
     """
+    from .keymaps_chinese_clip import is_hf_chinese_clip_layout
+
+    if is_hf_chinese_clip_layout(sd):  # ChineseCLIPModel: a BERT text tower (keymaps_chinese_clip.py)
+        from .keymaps_chinese_clip import from_hf as chinese_clip_from_hf
+
+        return chinese_clip_from_hf(sd, cfg)
     sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
     out: dict[str, torch.Tensor] = {}
     try:
@@ -184,6 +232,10 @@ def config_from_hf(hf: dict, name: str) -> ModelConfig:
         from .keymaps_metaclip2 import config_from_hf as metaclip2_config
 
         return metaclip2_config(hf, name)
+    if model_type == "chinese_clip":  # ChineseCLIPModel: a BERT text tower, WordPiece tokenizer (keymaps_chinese_clip.py)
+        from .keymaps_chinese_clip import config_from_hf as chinese_clip_config
+
+        return chinese_clip_config(hf, name)
     if model_type not in ("clip", "siglip"):
         raise CheckpointError(f"{name}: model_type {model_type!r} is not supported "
                               "(expected 'clip', 'siglip', 'siglip2' or 'metaclip_2')")

@@ -99,7 +99,11 @@ class CLIP(EmbeddingMixin, nn.Module):
     def init_random(self, seed: int | None = None) -> CLIP:
         """Random weights in OpenCLIP's initialisation scheme (for tests and benchmarks)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        norm_gains = {id(m.weight) for m in self.modules() if isinstance(m, nn.LayerNorm) and m.weight is not None}
+        norms = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)  # gains 1, biases 0 (BatchNorm statistics: 0 / 1)
+        norm_gains = {id(m.weight) for m in self.modules() if isinstance(m, norms) and m.weight is not None}
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.reset_running_stats()
         for name, p in self.named_parameters():
             if id(p) in norm_gains:
                 p.fill_(1.0)

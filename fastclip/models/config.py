@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UnknownModelError
+from . import bert as _bert_tower  # noqa: F401
 from . import eva as _eva_tower  # noqa: F401
 from . import naflex as _naflex_tower  # noqa: F401
+from . import resnet as _resnet_tower  # noqa: F401
 from . import text as _text_tower  # noqa: F401  (the built-in tower types register themselves at import)
 from . import vit as _vit_tower  # noqa: F401
 from .registry import parse_tower
@@ -51,6 +53,7 @@ class ModelConfig:
     init_logit_bias: float | None = None
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     tokenizer: str = "clip"  # "clip" (bundled BPE) or "hf" (the checkpoint's tokenizer files, or hf_tokenizer_name's)
+    # or "wordpiece" (Chinese-CLIP's BERT WordPiece: a transformers directory's vocab.txt, else cn_clip's bundled one)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,8 +22,7 @@ from .. import ref
 KINDS = ("vision", "text")
 DEFAULT_TYPE = {"vision": "vit", "text": "clip"}
 # Tower types OpenCLIP configs name that no module registers yet, with what they are (for the error).
-KNOWN_UNREGISTERED = {("vision", "resnet"): "OpenAI ResNet image towers", ("vision", "timm"): "timm image towers",
-                      ("text", "hf"): "Hugging Face text towers"}
+KNOWN_UNREGISTERED = {("vision", "timm"): "timm image towers"}
 
 
 class ImageTower(Protocol):

@@ -321,3 +321,54 @@ def save_tiny_openai_checkpoint(path: Path, embed_dim: int = 64, width: int = 12
         text_cfg=dict(context_length=77, vocab_size=49408, width=width, heads=2, layers=2))
     torch.save(upstream.state_dict(), path)
     return path
+
+
+@torch.no_grad()
+def calibrate_batchnorm_(model: torch.nn.Module, images: torch.Tensor, seed: int) -> torch.nn.Module:
+    """Give every BatchNorm2d of ``model`` (an open_clip ResNet tower) gains 1 + N(0, 0.1), shifts N(0, 0.1) and
+    running statistics of its own inputs on ``images`` (one train-mode pass), then moved off them (means
+    + N(0, 0.05), variances x U(0.7, 1.4)): activations stay O(1) through the whole tower and no BatchNorm is
+    near the identity, so folding it into the convolutions is really tested."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    last = {id(m.bn3) for m in model.modules() if hasattr(m, "conv3") and hasattr(m, "downsample")}
+    for bn in norms:
+        gain = 0.1 if id(bn) in last else 1.0  # a block's last BatchNorm: small, so the residual stream stays O(1)
+        bn.weight.copy_(gain * (1 + 0.1 * torch.randn(bn.weight.shape, generator=gen)))
+        bn.bias.copy_(0.1 * torch.randn(bn.bias.shape, generator=gen))
+        bn.momentum = 1.0  # the running statistics become this batch's
+    model.train()
+    model(images)
+    model.eval()
+    for bn in norms:
+        bn.momentum = 0.1
+        bn.running_mean.add_(0.05 * torch.randn(bn.running_mean.shape, generator=gen))
+        bn.running_var.mul_(0.7 + 0.7 * torch.rand(bn.running_var.shape, generator=gen))
+        bn.num_batches_tracked.fill_(1000 + seed)
+    return model
+
+
+OPENCLIP_CONFIG_DIR = Path(open_clip.__file__).parent / "model_configs"
+TINY_RESNET_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
+
+
+def resnet_config(real: str, width: int | None = None) -> dict:
+    """open_clip's config ``real`` (RN50, ...); with ``width``: that stem width (the real blocks per stage and
+    image size) and a one-layer text tower, so every architecture runs in seconds."""
+    raw = json.loads((OPENCLIP_CONFIG_DIR / f"{real}.json").read_text())
+    if width is not None:
+        raw = dict(raw, embed_dim=64, vision_cfg=dict(raw["vision_cfg"], width=width), text_cfg=dict(TINY_RESNET_TEXT))
+    return raw
+
+
+def resnet_upstream(label: str, raw: dict, seed: int) -> Upstream:
+    """open_clip.model.CLIP of the ResNet config ``raw``, perturbed, its BatchNorms calibrated and moved
+    (calibrate_batchnorm_)."""
+    torch.manual_seed(seed)  # open_clip's init uses the global generator
+    model = open_clip.model.CLIP(raw["embed_dim"], raw["vision_cfg"], raw["text_cfg"],
+                                 quick_gelu=bool(raw.get("quick_gelu", False)))
+    perturb_(model, seed)
+    size = raw["vision_cfg"]["image_size"]
+    calibrate_batchnorm_(model.visual, make_images(2, size, seed=100 + seed), seed)
+    ctx = raw["text_cfg"]["context_length"]
+    return Upstream(label, model, "open_clip", size, lambda b: clip_tokens(b, ctx, seed=b))
