@@ -56,6 +56,18 @@ def _count_layers(sd: dict, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def _openai_text_cfg(sd: dict[str, torch.Tensor]) -> tuple[int, dict]:
+    """(embed_dim, text_cfg) of an OpenAI-layout CLIP's text tower, from shapes; KeyError for a missing key."""
+    text_width, embed_dim = sd["ln_final.weight"].shape[0], sd["text_projection"].shape[1]
+    t_mlp = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    context_length, vocab_size = sd["positional_embedding"].shape[0], sd["token_embedding.weight"].shape[0]
+    return int(embed_dim), {
+        "context_length": int(context_length), "vocab_size": int(vocab_size), "width": int(text_width),
+        "heads": int(text_width // 64), "layers": _count_layers(sd, r"transformer\.resblocks\.(\d+)\."),
+        "mlp_ratio": t_mlp / text_width,
+    }
+
+
 def _infer_openai_resnet_config(sd: dict[str, torch.Tensor], name: str) -> ModelConfig:
     """An OpenAI ResNet CLIP (RN50, ...) from shapes, as open_clip's build_model_from_openai_state_dict infers
     it: blocks per stage from the ``visual.layer{b}.{i}.`` keys, width from ``visual.layer1.0.conv1.weight``,
@@ -64,9 +76,7 @@ def _infer_openai_resnet_config(sd: dict[str, torch.Tensor], name: str) -> Model
         layers = [len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}.")}) for b in (1, 2, 3, 4)]
         width = sd["visual.layer1.0.conv1.weight"].shape[0]
         positions = sd["visual.attnpool.positional_embedding"].shape[0]
-        text_width, embed_dim = sd["ln_final.weight"].shape[0], sd["text_projection"].shape[1]
-        t_mlp = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-        context_length, vocab_size = sd["positional_embedding"].shape[0], sd["token_embedding.weight"].shape[0]
+        embed_dim, text_cfg = _openai_text_cfg(sd)
     except KeyError as exc:
         raise CheckpointError(
             f"cannot infer the architecture: the checkpoint lacks {exc.args[0]!r}; it does not look like an OpenAI "
@@ -76,16 +86,8 @@ def _infer_openai_resnet_config(sd: dict[str, torch.Tensor], name: str) -> Model
     if grid * grid + 1 != positions or 0 in layers:
         raise CheckpointError(f"cannot infer the architecture: visual.attnpool.positional_embedding has {positions} "
                               f"rows (not a square grid + 1) or a stage has no blocks (blocks per stage: {layers})")
-    raw = {
-        "embed_dim": int(embed_dim),
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": int(grid * 32), "layers": layers, "width": int(width)},
-        "text_cfg": {
-            "context_length": int(context_length), "vocab_size": int(vocab_size), "width": int(text_width),
-            "heads": int(text_width // 64), "layers": _count_layers(sd, r"transformer\.resblocks\.(\d+)\."),
-            "mlp_ratio": t_mlp / text_width,
-        },
-    }
+    raw = {"embed_dim": embed_dim, "quick_gelu": True,
+           "vision_cfg": {"image_size": int(grid * 32), "layers": layers, "width": int(width)}, "text_cfg": text_cfg}
     return parse_config(name, raw)
 
 
@@ -97,29 +99,22 @@ def infer_openai_config(sd: dict[str, torch.Tensor], name: str = "openai") -> Mo
         width = sd["visual.conv1.weight"].shape[0]
         patch = sd["visual.conv1.weight"].shape[-1]
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        text_width = sd["ln_final.weight"].shape[0]
-        embed_dim = sd["text_projection"].shape[1]
         v_mlp = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-        t_mlp = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-        context_length, vocab_size = sd["positional_embedding"].shape[0], sd["token_embedding.weight"].shape[0]
+        embed_dim, text_cfg = _openai_text_cfg(sd)
     except KeyError as exc:
         raise CheckpointError(
             f"cannot infer the architecture: the checkpoint lacks {exc.args[0]!r}; it does not look like an "
             f"OpenAI CLIP ViT checkpoint (pass the architecture name, e.g. fastclip.load('ViT-B-32', pretrained=path))"
         ) from None
     raw = {
-        "embed_dim": int(embed_dim),
+        "embed_dim": embed_dim,
         "quick_gelu": True,
         "vision_cfg": {
             "image_size": int(patch * grid), "patch_size": int(patch), "width": int(width),
             "layers": _count_layers(sd, r"visual\.transformer\.resblocks\.(\d+)\."),
             "mlp_ratio": v_mlp / width,
         },
-        "text_cfg": {
-            "context_length": int(context_length), "vocab_size": int(vocab_size), "width": int(text_width),
-            "heads": int(text_width // 64), "layers": _count_layers(sd, r"transformer\.resblocks\.(\d+)\."),
-            "mlp_ratio": t_mlp / text_width,
-        },
+        "text_cfg": text_cfg,
     }
     return parse_config(name, raw)
 
