@@ -650,7 +650,34 @@ class _NaflexVision(torch.nn.Module):
                                                        spatial_shapes=spatial_shapes))
 
 
-class NaflexPeerSet:
+class _HfDirectoryPeers:
+    """A peer set whose fastclip model loads from a transformers directory it writes once into its cache:
+    ``_save(staging)`` writes the model and its processor (``self.cache_dir``, ``self._built`` set by __init__)."""
+
+    def _save(self, staging: Path) -> None:
+        raise NotImplementedError
+
+    def directory(self) -> Path:
+        """The model and its processor as a transformers directory (written once into the cache)."""
+        path = self.cache_dir / "hf"
+        if not (path / "config.json").is_file():
+            staging = self.cache_dir / "hf.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            self._save(staging)
+            shutil.rmtree(path, ignore_errors=True)
+            staging.rename(path)
+        return path
+
+    def fastclip(self, precision: str = "fp32"):
+        import fastclip
+
+        key = ("fastclip", precision)
+        if key not in self._built:
+            self._built[key] = fastclip.load(self.directory(), precision=precision)
+        return self._built[key]
+
+
+class NaflexPeerSet(_HfDirectoryPeers):
     """SigLIP 2 NaFlex image peers on one set of weights: a transformers ``Siglip2Model`` (seeded, perturbed)
     with its ``Siglip2ImageProcessor`` (``max_num_patches``), written as a directory (``save_pretrained`` of both)
     that ``fastclip.load`` reads. Every encoder takes a list of PIL images (of mixed aspect ratios) and includes
@@ -681,25 +708,9 @@ class NaflexPeerSet:
         self._reference: dict[int, tuple] = {}
         self._built: dict[tuple, object] = {}
 
-    def directory(self) -> Path:
-        """The model and its processor as a transformers directory (written once into the cache)."""
-        path = self.cache_dir / "hf"
-        if not (path / "config.json").is_file():
-            staging = self.cache_dir / "hf.partial"
-            shutil.rmtree(staging, ignore_errors=True)
-            self.hf.save_pretrained(staging)
-            self.processor.save_pretrained(staging)
-            shutil.rmtree(path, ignore_errors=True)
-            staging.rename(path)
-        return path
-
-    def fastclip(self, precision: str = "fp32"):
-        import fastclip
-
-        key = ("fastclip", precision)
-        if key not in self._built:
-            self._built[key] = fastclip.load(self.directory(), precision=precision)
-        return self._built[key]
+    def _save(self, staging: Path) -> None:
+        self.hf.save_pretrained(staging)
+        self.processor.save_pretrained(staging)
 
     def inputs(self, images: list) -> dict[str, torch.Tensor]:
         """The processor's tensors of ``images``: patches (B, max_num_patches, 3 P^2), mask, (h, w) grids."""
@@ -875,7 +886,7 @@ class _CnText(torch.nn.Module):
         return _features(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
 
-class ChineseClipPeerSet:
+class ChineseClipPeerSet(_HfDirectoryPeers):
     """Chinese-CLIP text peers on one set of weights; every encoder takes a list of captions and includes its
     tokenization:
 
@@ -903,29 +914,13 @@ class ChineseClipPeerSet:
         self._reference: dict[int, tuple] = {}
         self._built: dict[tuple, object] = {}
 
-    def directory(self) -> Path:
-        """The model and its processor as a transformers directory (written once into the cache)."""
+    def _save(self, staging: Path) -> None:
         import transformers
 
-        path = self.cache_dir / "hf"
-        if not (path / "config.json").is_file():
-            staging = self.cache_dir / "hf.partial"
-            shutil.rmtree(staging, ignore_errors=True)
-            self.hf.save_pretrained(staging)
-            size = self.hf.config.vision_config.image_size
-            images = transformers.ChineseCLIPImageProcessor(size={"height": size, "width": size}, do_center_crop=False)
-            transformers.ChineseCLIPProcessor(image_processor=images, tokenizer=self.tokenizer).save_pretrained(staging)
-            shutil.rmtree(path, ignore_errors=True)
-            staging.rename(path)
-        return path
-
-    def fastclip(self, precision: str = "fp32"):
-        import fastclip
-
-        key = ("fastclip", precision)
-        if key not in self._built:
-            self._built[key] = fastclip.load(self.directory(), precision=precision)
-        return self._built[key]
+        self.hf.save_pretrained(staging)
+        size = self.hf.config.vision_config.image_size
+        images = transformers.ChineseCLIPImageProcessor(size={"height": size, "width": size}, do_center_crop=False)
+        transformers.ChineseCLIPProcessor(image_processor=images, tokenizer=self.tokenizer).save_pretrained(staging)
 
     def tokens(self, texts: list[str], padding="max_length") -> dict[str, torch.Tensor]:
         """The tokenizer's input_ids and attention_mask (B, L): 52 tokens, or the longest text's with "longest"."""
