@@ -5,7 +5,7 @@
     python -m pytest bench/bench_e2e.py -k "ViT-B-32 and b32"            # one group
     FASTCLIP_BENCH_LARGE=1 python -m pytest bench/bench_e2e.py -k ViT-L-14
 
-Implementations (bench/peers.py): fastclip (auto backend), fastclip int8 (``precision="int8"``), fastclip
+Implementations (bench/peers/): fastclip (auto backend), fastclip int8 (``precision="int8"``), fastclip
 bf16 (``precision="bf16"``: oneDNN bf16 GEMMs; skipped with the reason on CPUs without AVX512-BF16 or AMX),
 open_clip eager, open_clip eager in bfloat16 (``open_clip-bf16``: model and image input), open_clip under
 ``torch.compile``, transformers, ONNX Runtime fp32 on the exported open_clip towers and its dynamic int8
@@ -22,7 +22,8 @@ FASTCLIP_BENCH_LARGE=1). EVA02-B-16 and PE-Core-B-16 at batch 1 and 32 (``test_e
 name with its timm trunk, every peer above but transformers), and SigLIP 2 NaFlex at batch 1 and 32
 (``test_naflex_images``: a transformers Siglip2Model of siglip2-base-patch16-naflex's sizes, PIL images of mixed
 aspect ratios, preprocessing in every row: fastclip's ``embed_images``, transformers' processor +
-``get_image_features``, its vision model under ``torch.compile``, ONNX Runtime fp32 / int8 of its export):
+``get_image_features``, its vision model under ``torch.compile``, ONNX Runtime fp32 / int8 of its export,
+OpenVINO fp32 / NNCF int8 of the same export on the processor's three tensors):
 
     python -m pytest bench/bench_e2e.py -k "test_eva_images and EVA02-B-16"
     python -m pytest bench/bench_e2e.py -k "test_eva_images and PE-Core-B-16"
@@ -174,11 +175,12 @@ def _time_images(benchmark, peers, arch: str, batch: int, impl: str, rounds: int
 
 
 # ---------------------------------------------------------------- EVA02 / PE-Core and SigLIP 2 NaFlex images
-# EVA02-B-16 and PE-Core-B-16 (open_clip with timm trunks, bench/peers.py OpenClipPeerSet): every image peer but
+# EVA02-B-16 and PE-Core-B-16 (open_clip with timm trunks, bench/peers/ OpenClipPeerSet): every image peer but
 # transformers, on standard-normal pixels. SigLIP 2 NaFlex (a transformers Siglip2Model of
-# siglip2-base-patch16-naflex's sizes, loaded by fastclip from its directory, bench/peers.py NaflexPeerSet): PIL
-# images of mixed aspect ratios (peers.NAFLEX_SIZES, cycled), preprocessing included in every row; FLOPs per
-# image at its own patch count (bench/flops.py naflex_image_flops).
+# siglip2-base-patch16-naflex's sizes, loaded by fastclip from its directory, bench/peers/ NaflexPeerSet): PIL
+# images of mixed aspect ratios (peers.NAFLEX_SIZES, cycled), preprocessing included in every row (peers:
+# peers.NAFLEX_IMAGE_PEERS, OpenVINO ov-fp32 / ov-int8 among them); FLOPs per image at its own patch count
+# (bench/flops.py naflex_image_flops).
 EVA_ROUNDS = {"EVA02-B-16": {1: 10, 32: 3}, "PE-Core-B-16": {1: 10, 32: 3}}  # architecture: {batch: rounds}
 NAFLEX = "SigLIP2-NaFlex-B-16"
 NAFLEX_ROUNDS = {1: 10, 32: 3}
@@ -224,7 +226,7 @@ def test_naflex_images(benchmark, peer_set, sgemm_gflops, peak_rates, arch, batc
 
 
 # ---------------------------------------------------------------- OpenAI ResNet images
-# RN50 and RN50x4 (open_clip's ModifiedResNet, built by name, bench/peers.py OpenClipPeerSet): the EVA rows' peers
+# RN50 and RN50x4 (open_clip's ModifiedResNet, built by name, bench/peers/ OpenClipPeerSet): the EVA rows' peers
 # on standard-normal pixels; FLOPs per image counted from the config (bench/flops.py resnet_image_flops).
 RESNET_ROUNDS = {"RN50": {1: 10, 32: 3}, "RN50x4": {1: 5, 32: 2}}  # architecture: {batch: rounds}
 

@@ -8,7 +8,7 @@ tens of milliseconds, and on a shared machine the load moves between rows by mor
 being measured. Here every round calls each implementation once (the order rotating from round to round),
 so a change of load hits them all alike; the table gives each one's median latency and the median of the
 per-round ratios of fastclip's latency (fp32 and int8) to the peer's -- the figures to quote. The same
-weights, inputs and output checks as bench/bench_e2e.py (bench/peers.py). Speed is never asserted.
+weights, inputs and output checks as bench/bench_e2e.py (bench/peers/). Speed is never asserted.
 """
 import os
 import statistics

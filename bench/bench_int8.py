@@ -3,7 +3,7 @@
     pytest bench/bench_int8.py --benchmark-group-by=group --benchmark-columns=mean,stddev,rounds
 
 Rows per group: fastclip int8, ONNX Runtime int8 (``quantize_dynamic`` of the exported open_clip tower;
-bench/peers.py times its per-tensor and per-channel variants and keeps the faster one with cosine >= 0.99),
+bench/peers/ times its per-tensor and per-channel variants and keeps the faster one with cosine >= 0.99),
 OpenVINO int8 (NNCF post-training quantisation of the same export, ``model_type=TRANSFORMER``, calibrated
 on inputs of the benchmark's kind; f32 elsewhere; the faster of the LATENCY and THROUGHPUT hints), and
 fastclip fp32 / ONNX Runtime fp32 / OpenVINO fp32 for scale. OpenVINO rows are skipped with the reason

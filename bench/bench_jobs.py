@@ -3,7 +3,7 @@
     python -m pytest bench/bench_jobs.py --benchmark-json /tmp/jobs.json && python bench/report.py /tmp/jobs.json
     python -m pytest bench/bench_jobs.py --benchmark-disable -x      # smoke check: every row once
 
-ViT-B-32 with random weights (bench/peers.py's weights), a corpus of JPEGs of img2dataset's usual kind (256 px on
+ViT-B-32 with random weights (bench/peers/'s weights), a corpus of JPEGs of img2dataset's usual kind (256 px on
 the short side, photo-like content), in WebDataset tars of ``SHARD`` samples. Rows, each on the same images:
 
 - ``encoder``: ``encode_image`` on already preprocessed (B, 3, 224, 224) batches: the rate the model alone allows;

@@ -3,6 +3,7 @@
     python -m pytest bench/bench_ray.py --benchmark-json /tmp/ray.json && python bench/report.py /tmp/ray.json
     python -m pytest bench/bench_ray.py --benchmark-disable           # smoke check: every row once
     FASTCLIP_BENCH_RAY_IMAGES=1024 python -m pytest bench/bench_ray.py -k "embed_images or ray-bytes"  # longer run
+    FASTCLIP_BENCH_RAY_IMAGES=4096 FASTCLIP_BENCH_RAY_ROUNDS=1 python -m pytest bench/bench_ray.py   # ~15 min
 
 256 JPEGs (bench/bench_jpeg.py's ``make_jpegs``: sample photographs cropped and resized to 200-1600 px, written
 once under FASTCLIP_BENCH_CACHE) through one ViT-B-32 with random weights (a checkpoint written there once and
@@ -37,6 +38,7 @@ from peers import CACHE
 
 ARCH, BATCH, RAY_BATCH = "ViT-B-32", 32, 128
 N_IMAGES = int(os.environ.get("FASTCLIP_BENCH_RAY_IMAGES", 256))  # more images amortise the actor start-up
+ROUNDS = int(os.environ.get("FASTCLIP_BENCH_RAY_ROUNDS", 3))  # timed executions per row (1 for long runs)
 IMPLS = ["embed_images", "ray-paths", "ray-bytes"]  # in-process first: the Ray rows divide by it
 _RATE: dict[str, float] = {}
 
@@ -104,15 +106,15 @@ def test_ray_overhead(benchmark, setup, impl):
     benchmark.group = f"{ARCH} images from {len(paths)} JPEG files, {threads} CPUs"
     benchmark.extra_info.update(impl=impl, arch=ARCH, workload="jpeg", batch=BATCH, threads=threads)
     if impl == "embed_images":
-        out = benchmark.pedantic(model.embed_images, args=(paths,), kwargs={"batch_size": BATCH}, rounds=3,
-                                 warmup_rounds=1)
+        # setup's reference call is this row's warm-up: the same call on the same files
+        out = benchmark.pedantic(model.embed_images, args=(paths,), kwargs={"batch_size": BATCH}, rounds=ROUNDS)
         np.testing.assert_array_equal(out, reference)  # the same call as the reference
     else:
         items = paths if impl == "ray-paths" else blobs
         start = time.perf_counter()
         _ray_run(ckpt, items[:1], threads)  # also warms Ray's worker pool for the timed calls
         startup = time.perf_counter() - start
-        rows = benchmark.pedantic(_ray_run, args=(ckpt, items, threads), rounds=3, warmup_rounds=0)
+        rows = benchmark.pedantic(_ray_run, args=(ckpt, items, threads), rounds=ROUNDS)
         _check(rows, reference)
         benchmark.extra_info.update(startup_s=round(startup, 2), ray_batch=RAY_BATCH)
     rate(benchmark, len(paths))

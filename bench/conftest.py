@@ -67,5 +67,5 @@ class _LatestPeerSet:
 
 @pytest.fixture(scope="session")
 def peer_set():
-    """``peer_set(arch)`` -> bench/peers.py's PeerSet: every implementation on one set of weights."""
+    """``peer_set(arch)`` -> bench/peers/'s PeerSet: every implementation on one set of weights."""
     return _LatestPeerSet()

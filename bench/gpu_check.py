@@ -489,7 +489,7 @@ def loss_section(rows: list, plan: Plan, run) -> None:
 # ---------------------------------------------------------------------------------- models section
 def build_pair(arch: str, precision: str, plan: Plan):
     """fastclip (backend="triton") and open_clip holding the same random weights (perturbed so LayerNorm
-    weights and biases are not 1 and 0), fastclip's weights given to open_clip as bench/peers.py does."""
+    weights and biases are not 1 and 0), fastclip's weights given to open_clip as bench/peers/ does."""
     fc = fastclip.create_model(arch, device=plan.device, precision=precision, backend="triton", seed=0)
     with torch.no_grad():
         for i, p in enumerate(fc.parameters()):

@@ -94,7 +94,7 @@ def group_table(group: str, rows: dict[str, dict]) -> list[str]:
 
 
 def precision_of(impl: str, row: dict) -> str:
-    """A row's precision: recorded by the benches, else read off the name (as bench/peers.py does)."""
+    """A row's precision: recorded by the benches, else read off the name (as bench/peers/ does)."""
     return row.get("precision") or ("int8" if "int8" in impl else "bf16" if "bf16" in impl else "fp32")
 
 

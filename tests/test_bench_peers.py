@@ -1,4 +1,4 @@
-"""bench/peers.py's OpenVINO peers on a tiny CLIP: ONNX export -> OpenVINO IR (fp32 weights kept) -> NNCF int8,
+"""bench/peers/'s OpenVINO peers on a tiny CLIP: ONNX export -> OpenVINO IR (fp32 weights kept) -> NNCF int8,
 compiled for the CPU with the precision each peer is named for, and checked against open_clip eager (fp32:
 ``assert_close``; bf16 / int8: per-item cosine >= ``MIN_COSINE``). Needs the ``bench`` extra (openvino, nncf)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-import peers  # noqa: E402  (bench/peers.py)
+import peers  # noqa: E402  (bench/peers/)
 from captions import realistic_captions  # noqa: E402  (bench/captions.py)
 
 pytestmark = pytest.mark.skipif(peers.unavailable("ov-int8") is not None,
@@ -165,7 +165,8 @@ def family_peers(tmp_path_factory):
                                      eos_token_id=1, bos_token_id=None),
                     vision_config=dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
                                        num_attention_heads=2, patch_size=t["patch"], num_patches=t["grid"] ** 2))
-                built[name] = peers.NaflexPeerSet(name, config=config, max_num_patches=t["budget"])
+                built[name] = peers.NaflexPeerSet(name, config=config, max_num_patches=t["budget"],
+                                                  calibration_scale=t["scale"])
         return built[name]
 
     try:
@@ -227,6 +228,10 @@ def test_naflex_peers_agree_with_fastclip(family_peers, impl):
         _assert_close_to_fastclip("tiny NaFlex", impl, got, ps.fastclip().embed_images(images))
     if impl == "ort-int8":
         assert ps.info["ort-int8 image"]["quantization"] in ("per-tensor", "per-channel")
+    if impl.startswith("ov-"):  # OpenVINO's IR of the same export, compiled in f32 (int8: NNCF's ops)
+        assert ps.info[f"{impl} image"]["inference_precision"] == "f32"
+    if impl == "ov-int8":
+        assert ps.info["ov-int8 image"]["min_cosine_to_fp32"] >= MIN_COSINE
 
 
 def test_family_flops_equal_the_counted_ones(family_peers):
