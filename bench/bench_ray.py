@@ -85,7 +85,10 @@ def _ray_run(ckpt, items, threads: int):
 
     from fastclip.ray import ImageEmbedder
 
-    ds = ray.data.from_items([{"key": i, "image": item} for i, item in enumerate(items)])
+    # one block per Ray batch, as read_parquet / read_webdataset hand over whole row groups and shards (from_items'
+    # default blocks would leave a few-row batch beside each full one)
+    ds = ray.data.from_items([{"key": i, "image": item} for i, item in enumerate(items)],
+                             override_num_blocks=max(1, -(-len(items) // RAY_BATCH)))
     return ds.map_batches(ImageEmbedder, fn_constructor_kwargs={"model": ARCH, "pretrained": str(ckpt),
                                                                 "batch_size": BATCH, "key_column": "key"},
                           concurrency=1, num_cpus=threads, batch_size=RAY_BATCH, batch_format="pyarrow").take_all()
