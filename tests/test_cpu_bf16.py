@@ -1,9 +1,10 @@
-"""precision="bf16" on the CPU: oneDNN's packed bf16 GEMMs (fastclip/backends/cpu/linear_bf16.py) against the
-fp32 reference by the low-precision rule (fastclip/tolerance.py), whole models against open_clip run in bf16,
+"""precision="bf16" on the CPU: oneDNN's packed bf16 GEMMs (fastclip/backends/cpu/linear_bf16.py), the bf16
+attention and LayerNorm of the cpu backend, against the fp32 reference by the low-precision rule
+(fastclip/tolerance.py), whole models against open_clip run in bf16,
 and the refusal on CPUs without bf16 instructions (run here by FASTCLIP_DISABLE_AVX512=1 on any CPU).
 
-The accuracy tests need AVX512-BF16 or AMX-BF16; on other CPUs they are skipped with that reason, and the
-refusal test checks what those CPUs do instead.
+The GEMM and model tests need AVX512-BF16 or AMX-BF16; on other CPUs they are skipped with that reason, and the
+refusal test checks what those CPUs do instead. The attention and LayerNorm tests run on every CPU.
 """
 from __future__ import annotations
 
@@ -70,6 +71,70 @@ def test_linear_bf16_layouts_and_weight_changes():
         assert onednn.PACKS.get(w, create=False) is not None, "the bf16 weight was not packed"
         w.mul_(-2.0)
         _check_linear(ops.linear(x, w, b), x, w, b, "none", "after an in-place change of the weight")
+
+
+def _bf16_qkv(B: int, H: int, Lq: int, Lk: int, D: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, max(Lq, Lk), 3, H, D, generator=gen).to(BF16)  # a QKV GEMM's output, split as models do
+    q, k, v = (qkv[:, :L, i].transpose(1, 2) for i, L in ((0, Lq), (1, Lk), (2, Lk)))  # (B, H, L, D) views
+    return q, k, v
+
+
+def _rotary_tables(L: int, D: int, dtype: torch.dtype):
+    angles = torch.arange(L, dtype=torch.float32)[:, None] * torch.linspace(0.01, 1.0, D // 2)[None]  # (L, D/2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+# The bf16 attention and LayerNorm run on any CPU (the fp32 kernel on fp32 copies; torch's LayerNorm).
+@pytest.mark.parametrize("B, H, Lq, Lk, D, kind", [
+    (2, 3, 17, 17, 64, "plain"), (3, 12, 197, 197, 64, "rotary"), (2, 4, 1, 50, 32, "rotary pooled query"),
+    (2, 2, 77, 77, 64, "causal"), (3, 2, 40, 40, 48, "key mask"), (1, 2, 20, 20, 96, "rotary bf16 tables")])
+def test_attention_bf16_matches_reference(B, H, Lq, Lk, D, kind):
+    """bf16 q, k, v (strided views of one QKV tensor) -> bf16, by the attention rule of the tolerance policy
+    against the fp32 reference on the same bf16 values, with rotary angles, a causal mask or a key mask."""
+    ops = get_ops("cpu")
+    q, k, v = _bf16_qkv(B, H, Lq, Lk, D, seed=Lq + D)
+    kw: dict = {}
+    if "rotary" in kind:
+        cos, sin = _rotary_tables(Lk, D, BF16 if "bf16 tables" in kind else torch.float32)
+        kw["rotary"] = (cos, sin, 1 if "pooled" in kind else 0)
+    if kind == "causal":
+        kw["causal"] = True
+    if kind == "key mask":
+        kw["key_mask"] = torch.arange(Lk)[None] < torch.tensor([Lk, 23, 5])[:, None]  # (B, Lk) padded rows
+    with torch.inference_mode():
+        out = ops.attention(q, k, v, **kw)
+        up_kw = {**kw, "rotary": tuple(t.float() if torch.is_tensor(t) else t for t in kw["rotary"])} \
+            if "rotary" in kw else kw
+        ref32 = ref.attention(q.float(), k.float(), v.float(), **up_kw)
+        ref_low = ref.attention(q, k, v, **kw)
+    assert out.dtype == BF16 and out.shape == ref_low.shape
+    err, ref_err = tolerance.check_low_precision(out.float(), ref32, ref_low.float(), BF16, f"attention {kind}",
+                                                 atol=tolerance.ATTENTION_LOW_PRECISION_ATOL[BF16])
+    assert err <= ref_err, f"attention {kind}: bf16 via fp32 ({err:.2e}) is less exact than bf16 products ({ref_err:.2e})"
+
+
+@pytest.mark.parametrize("shape", [(7, 768), (3, 197, 768), (2, 50, 2048)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_bf16_matches_reference(shape, residual):
+    """bf16 LayerNorm (+ residual): the low-precision rule against fp32 on the same bf16 values; the residual
+    sum is the bf16 sum the reference returns, bit for bit."""
+    ops = get_ops("cpu")
+    gen = torch.Generator().manual_seed(shape[-1] + residual)
+    x = (torch.randn(shape, generator=gen) * 3 + 1).to(BF16)
+    r = torch.randn(shape, generator=gen).to(BF16) if residual else None
+    w, b = (torch.randn(shape[-1], generator=gen).to(BF16) for _ in range(2))
+    with torch.inference_mode():
+        out = ops.layer_norm(x, w, b, 1e-6, residual=r)
+        want = ref.layer_norm(x, w, b, 1e-6, residual=r)
+    y, s = out if residual else (out, None)
+    y_ref, s_ref = want if residual else (want, None)
+    if residual:
+        assert s.dtype == BF16 and torch.equal(s, s_ref)
+    x_in = (s_ref if residual else x).float()
+    ref32 = ref.layer_norm(x_in, w.float(), b.float(), 1e-6)
+    assert y.dtype == BF16 and y.shape == x.shape
+    tolerance.check_low_precision(y.float(), ref32, y_ref.float(), BF16, f"layer_norm {shape} residual={residual}")
 
 
 @needs_bf16

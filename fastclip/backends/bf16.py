@@ -1,8 +1,9 @@
 """``precision="bf16"`` on the CPU: which CPUs run it, and the reason when one cannot.
 
 A bf16 model keeps its weights in bf16 and runs its GEMMs through oneDNN (``cpu`` backend:
-fastclip/backends/cpu/linear_bf16.py), which multiplies bf16 with fp32 accumulation; LayerNorm statistics
-and the softmax are computed in fp32 (fastclip/ref.py). oneDNN has real bf16 instructions only on CPUs
+fastclip/backends/cpu/linear_bf16.py), which multiplies bf16 with fp32 accumulation; LayerNorm runs
+torch's kernel with fp32 statistics, and attention runs the fp32 kernel on fp32 copies of q, k and v, rounding
+its result to bf16 once (fastclip/backends/cpu/layer_norm.py, attention.py). oneDNN has real bf16 instructions only on CPUs
 with AVX512-BF16 (Cooper Lake, Sapphire Rapids and newer Xeons, AMD Zen 4/5) or AMX-BF16; elsewhere it
 would convert in software and run slower than fp32, so ``precision="bf16"`` is refused there with the
 reason (fp32 or int8 are the fast precisions on those CPUs). ``FASTCLIP_DISABLE_AVX512=1`` makes an

@@ -20,13 +20,14 @@ if _unknown:
     raise ImportError(f"fastclip._C implements activations fastclip.ref does not know: {_unknown}; rebuild it")
 
 
-def native(*tensors: torch.Tensor | None) -> bool:
-    """All given tensors are non-empty fp32 strided CPU tensors and no autograd graph is being built."""
+def native(*tensors: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> bool:
+    """All given tensors are non-empty strided CPU tensors of ``dtype`` (fp32: what the C++ kernels take) and
+    no autograd graph is being built."""
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t is None:
             continue
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.layout != torch.strided or t.numel() == 0:
+        if t.dtype != dtype or t.device.type != "cpu" or t.layout != torch.strided or t.numel() == 0:
             return False
         if grad and t.requires_grad:
             return False
