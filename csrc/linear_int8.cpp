@@ -27,9 +27,9 @@
 //
 // Blocking. Threads (torch's pool) take contiguous ranges of 64-column groups (4 panels), per block of rows
 // (about 1 MiB of quantised x). Per group, every row tile sweeps the whole K: the group's panels (64 x K
-// bytes, 48-192 KiB for ViT-B) stay in L2 while the row tiles re-read them, and the first row tile
-// prefetches the next group into L2 as it goes, so at small M the weights stream from memory once per call
-// (a quarter of fp32's bytes). A tile only accumulates (its sums stay in registers) and stores them to a
+// bytes, 48-192 KiB for ViT-B) stay in L2 while the row tiles re-read them, and meanwhile they prefetch the
+// next group into L2 (on the zmm paths each tile a share, spread over its k loop; on the ymm paths the first
+// tile), so at small M the weights stream from memory once per call (a quarter of fp32's bytes). A tile only accumulates (its sums stay in registers) and stores them to a
 // small buffer that an epilogue per activation turns into y. Each output element is summed by one thread
 // in one order: deterministic. Quantising x is a second, short parallel pass over its rows.
 //
@@ -379,22 +379,20 @@ void epilogue_zmm(int act, const int32_t* acc, int64_t mr, int64_t np, const flo
 }
 
 // One zmm tile: acc[r * 64 + 16 j + 0:16] = sum_g xq[r, 4g:4g+4] . panel_j[g] for rows r < MR of xq (rows
-// ld apart) and NP consecutive panels (panel_bytes apart); pf: the next column group's panels, prefetched
-// into L2 (or nullptr).
+// ld apart) and NP consecutive panels (panel_bytes apart); pf .. pf + 64 pf_lines: this tile's share of the
+// next column group's panels, prefetched into L2 evenly over its k loop.
 template <int MR, int NP, bool VNNI>
 void tile_zmm(const uint8_t* xq, int64_t ld, int64_t G, const int8_t* panel, int64_t panel_bytes, int32_t* acc,
-              const char* pf) {
+              const char* pf, int64_t pf_lines) {
   __m512i c[MR][NP];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < NP; ++j) c[r][j] = _mm512_setzero_si512();
   const __m512i ones = _mm512_set1_epi16(1);
+  int64_t owed = 0;  // Bresenham: after g steps, g * pf_lines / G lines are prefetched
   for (int64_t g = 0; g < G; ++g) {
-    if (pf) {
-#pragma GCC unroll 4
-      for (int j = 0; j < NP; ++j) _mm_prefetch(pf + j * panel_bytes + 64 * g, _MM_HINT_T1);
-    }
+    for (owed += pf_lines; owed >= G; owed -= G, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
     __m512i b[NP];
 #pragma GCC unroll 4
     for (int j = 0; j < NP; ++j) b[j] = _mm512_loadu_si512(panel + j * panel_bytes + 64 * g);
@@ -418,15 +416,22 @@ void tile_zmm(const uint8_t* xq, int64_t ld, int64_t G, const int8_t* panel, int
 template <int NP, bool VNNI>
 void rows_zmm(const uint8_t* xq, int64_t K4, int64_t M, const int8_t* panel, int64_t panel_bytes, const float* s,
               const int32_t* z, const float* ws, const int32_t* cs, const float* bias, float* y, int64_t sy,
-              int64_t valid, int act, const char* pf) {
+              int64_t valid, int act, const char* pf, int64_t pf_bytes) {
   const int64_t G = K4 / 4;
+  // The next group (pf_bytes from pf, contiguous) is prefetched in equal shares by every row tile, so the
+  // memory reads spread over the whole group rather than crowding into its first tile.
+  const int64_t lines = ceil_div(pf_bytes, 64), share = ceil_div(lines, ceil_div(M, 6));
+  int64_t t = 0;
   row_tiles(M, 6, [&](int64_t m, int64_t mr) {
     const uint8_t* a = xq + m * K4;
-    const char* f = m == 0 ? pf : nullptr;
+    const int64_t first = std::min(lines, t * share), n = std::min(lines - first, share);
+    const char* f = pf ? pf + 64 * first : nullptr;
+    const int64_t fl = pf ? n : 0;
+    ++t;
     alignas(64) int32_t acc[6 * 64];  // (mr, 16 NP) int32 sums
     switch (mr) {
 #define FASTCLIP_T(R) \
-  case R: tile_zmm<R, NP, VNNI>(a, K4, G, panel, panel_bytes, acc, f); break;
+  case R: tile_zmm<R, NP, VNNI>(a, K4, G, panel, panel_bytes, acc, f, fl); break;
       FASTCLIP_T(6) FASTCLIP_T(5) FASTCLIP_T(4) FASTCLIP_T(3) FASTCLIP_T(2) FASTCLIP_T(1)
 #undef FASTCLIP_T
       default: break;
@@ -445,13 +450,14 @@ void groups_zmm(const uint8_t* xq, int64_t K4, int64_t M, const int8_t* packed, 
     const int64_t p = c * kGroup, np = std::min(kGroup, P - p), n0 = p * kPanel;
     const int8_t* panel = packed + p * panel_bytes;
     const int64_t next = std::min(kGroup, P - p - np);  // panels of the next group
-    const char* pf = next == np ? reinterpret_cast<const char*>(panel + np * panel_bytes) : nullptr;
+    const char* pf = next > 0 ? reinterpret_cast<const char*>(panel + np * panel_bytes) : nullptr;
+    const int64_t pf_bytes = next * panel_bytes;  // the next group's panels, contiguous after this group's
     const int64_t valid = std::min<int64_t>(np * kPanel, N - n0);
     switch (np) {
 #define FASTCLIP_R(NP)                                                                                          \
   case NP:                                                                                                      \
     rows_zmm<NP, VNNI>(xq, K4, M, panel, panel_bytes, s, z, ws + n0, cs + n0, bias + n0, y + n0, sy, valid, act, \
-                       pf);                                                                                     \
+                       pf, pf_bytes);                                                                           \
     break;
       FASTCLIP_R(4) FASTCLIP_R(3) FASTCLIP_R(2) FASTCLIP_R(1)
 #undef FASTCLIP_R
