@@ -29,8 +29,9 @@
 // (about 1 MiB of quantised x). Per group, every row tile sweeps the whole K: the group's panels (64 x K
 // bytes, 48-192 KiB for ViT-B) stay in L2 while the row tiles re-read them, and meanwhile they prefetch the
 // next group into L2 (on the zmm paths each tile a share, spread over its k loop; on the ymm paths the first
-// tile), so at small M the weights stream from memory once per call (a quarter of fp32's bytes). A tile only accumulates (its sums stay in registers) and stores them to a
-// small buffer that an epilogue per activation turns into y. Each output element is summed by one thread
+// tile), so at small M the weights stream from memory once per call (a quarter of fp32's bytes). A tile only
+// accumulates (its sums stay in registers) and stores them to a small buffer that an epilogue per activation
+// turns into y. Each output element is summed by one thread
 // in one order: deterministic. Quantising x is a second, short parallel pass over its rows.
 //
 // The non-VNNI tiles are compiled in the same target regions as the VNNI ones, but they are written with
@@ -424,14 +425,11 @@ void rows_zmm(const uint8_t* xq, int64_t K4, int64_t M, const int8_t* panel, int
   int64_t t = 0;
   row_tiles(M, 6, [&](int64_t m, int64_t mr) {
     const uint8_t* a = xq + m * K4;
-    const int64_t first = std::min(lines, t * share), n = std::min(lines - first, share);
-    const char* f = pf ? pf + 64 * first : nullptr;
-    const int64_t fl = pf ? n : 0;
-    ++t;
+    const int64_t first = std::min(lines, t++ * share), n = std::min(lines - first, share);  // 0 without pf
     alignas(64) int32_t acc[6 * 64];  // (mr, 16 NP) int32 sums
     switch (mr) {
 #define FASTCLIP_T(R) \
-  case R: tile_zmm<R, NP, VNNI>(a, K4, G, panel, panel_bytes, acc, f, fl); break;
+  case R: tile_zmm<R, NP, VNNI>(a, K4, G, panel, panel_bytes, acc, pf + 64 * first, n); break;
       FASTCLIP_T(6) FASTCLIP_T(5) FASTCLIP_T(4) FASTCLIP_T(3) FASTCLIP_T(2) FASTCLIP_T(1)
 #undef FASTCLIP_T
       default: break;

@@ -95,18 +95,18 @@ def test_attention_bf16_matches_reference(B, H, Lq, Lk, D, kind):
     ops = get_ops("cpu")
     q, k, v = _bf16_qkv(B, H, Lq, Lk, D, seed=Lq + D)
     kw: dict = {}
+    kw32: dict = {}  # the same arguments with fp32 rotary tables, for the fp32 reference
     if "rotary" in kind:
         cos, sin = _rotary_tables(Lk, D, BF16 if "bf16 tables" in kind else torch.float32)
-        kw["rotary"] = (cos, sin, 1 if "pooled" in kind else 0)
+        start = 1 if "pooled" in kind else 0
+        kw["rotary"], kw32["rotary"] = (cos, sin, start), (cos.float(), sin.float(), start)
     if kind == "causal":
         kw["causal"] = True
     if kind == "key mask":
         kw["key_mask"] = torch.arange(Lk)[None] < torch.tensor([Lk, 23, 5])[:, None]  # (B, Lk) padded rows
     with torch.inference_mode():
         out = ops.attention(q, k, v, **kw)
-        up_kw = {**kw, "rotary": tuple(t.float() if torch.is_tensor(t) else t for t in kw["rotary"])} \
-            if "rotary" in kw else kw
-        ref32 = ref.attention(q.float(), k.float(), v.float(), **up_kw)
+        ref32 = ref.attention(q.float(), k.float(), v.float(), **{**kw, **kw32})
         ref_low = ref.attention(q, k, v, **kw)
     assert out.dtype == BF16 and out.shape == ref_low.shape
     err, ref_err = tolerance.check_low_precision(out.float(), ref32, ref_low.float(), BF16, f"attention {kind}",

@@ -17,11 +17,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     D = x.shape[-1] if x.ndim else 0
     w = vector(weight, D) if weight is not None else None
     b = vector(bias, D) if bias is not None else None
-    if (not upcast and w is not None and b is not None and native(x, residual, dtype=torch.bfloat16)
-            and w.dtype == b.dtype == torch.bfloat16 and (residual is None or residual.shape == x.shape)):
+    if upcast or w is None or b is None or (residual is not None and residual.shape != x.shape):
+        return ref.layer_norm(x, weight, bias, eps, residual=residual, upcast=upcast)
+    if native(x, w, b, residual, dtype=torch.bfloat16):
         return _bf16(x, w, b, eps, residual)
-    if (upcast or w is None or b is None or not native(x, w, b, residual)
-            or (residual is not None and residual.shape != x.shape)):
+    if not native(x, w, b, residual):
         return ref.layer_norm(x, weight, bias, eps, residual=residual, upcast=upcast)
     x2 = rows(x)
     y = buffers.empty(x.shape, x.dtype)
