@@ -9,7 +9,8 @@
 // K^T (16-key panels, zero-padded) and V (D padded to 8) of its (batch, head) once into its scratch,
 // then for each block of <= BK keys: S = Q K^T (FMA tiles reading the strided q rows directly: 6x16 with
 // AVX2, 12x32 with AVX-512F, see gemm512.h),
-// online softmax (running row max m and sum l, O rescaled by exp(m_old - m_new)), O += P V. The
+// online softmax (running row max m and sum l, O rescaled by exp(m_old - m_new); zmm where the CPU has
+// AVX-512F), O += P V. The
 // result O / l is written straight into `out`'s strided rows. No copies of q/k/v outside the scratch.
 // rope_cos / rope_sin (N, D/2) or null, rope_start: rotary q and k (query / key i at position i, positions
 // >= rope_start rotated by angle row i - rope_start, csrc/rotary.h): each head's keys are rotated into the
@@ -26,10 +27,57 @@ namespace fastclip {
 namespace {
 
 constexpr int64_t kMaxBQ = 64;   // queries per work item
-constexpr int64_t kMaxBK = 128;  // keys per softmax block
+constexpr int64_t kMaxBK = 256;  // keys per softmax block: ViT-B/16's 197 and NaFlex's 256 keys in one
 
 }  // namespace
 }  // namespace fastclip
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+
+namespace fastclip {
+namespace {
+
+// softmax_row (below) on 16 lanes, for CPUs with AVX-512F: the same p = exp(s * scale - m_new) per element
+// (exp512_ps equals exp_ps lane by lane); only the order of the row sum's additions differs.
+float softmax_row512(float* s, int64_t valid, int64_t n, float scale, float& m, float& l) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= valid; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+  if (j < valid) {
+    const __mmask16 tm = mask16(valid - j);
+    mx = _mm512_mask_max_ps(mx, tm, mx, _mm512_maskz_loadu_ps(tm, s + j));
+  }
+  const float m_new = std::max(m, _mm512_reduce_max_ps(mx) * scale);
+  if (m_new == -INFINITY) {  // nothing visible yet (never happens with key 0 always visible)
+    std::fill(s, s + n, 0.0f);
+    return 1.0f;
+  }
+  const __m512 vscale = _mm512_set1_ps(scale), vneg = _mm512_set1_ps(-m_new);
+  __m512 sum = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= valid; j += 16) {
+    const __m512 p = exp512_ps(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), vscale, vneg));
+    sum = _mm512_add_ps(sum, p);
+    _mm512_storeu_ps(s + j, p);
+  }
+  if (j < valid) {  // the last partial vector; its lanes past `valid` become the first masked zeros
+    const __mmask16 tm = mask16(valid - j);
+    const __m512 p = _mm512_maskz_mov_ps(tm, exp512_ps(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(tm, s + j), vscale, vneg)));
+    sum = _mm512_add_ps(sum, p);
+    _mm512_mask_storeu_ps(s + j, mask16(n - j), p);
+    j += 16;
+  }
+  for (; j < n; ++j) s[j] = 0.0f;
+  const float alpha = m == -INFINITY ? 1.0f : std::exp(m - m_new);  // first block: l and O are still 0
+  l = l * alpha + _mm512_reduce_add_ps(sum);
+  m = m_new;
+  return alpha;
+}
+
+}  // namespace
+}  // namespace fastclip
+
+#pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -124,7 +172,9 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
   const int64_t tasks = B * H * nqb;
   // Whole (batch, head) units when there are plenty (one K/V packing each), else single query blocks.
   const int64_t grain = B * H >= 4 * max_threads() ? nqb : 1;
-  auto* const mm = avx512_enabled() ? &gemm512 : &gemm;  // zmm tiles where the CPU has them
+  const bool zmm = avx512_enabled();
+  auto* const mm = zmm ? &gemm512 : &gemm;  // zmm tiles and softmax where the CPU has them
+  auto* const softmax = zmm ? &softmax_row512 : &softmax_row;
   parallel_for(tasks, grain, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<float> kbuf, vbuf, sbuf, obuf, mlbuf, rbuf, qbuf;
     float* Kp = scratch(kbuf, Lkp * D);
@@ -173,7 +223,7 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
             std::fill(S + r * bk, S + r * bk + nk, 0.0f);
             continue;
           }
-          const float alpha = softmax_row(S + r * bk, valid, nk, scale, M[r], Lsum[r]);
+          const float alpha = softmax(S + r * bk, valid, nk, scale, M[r], Lsum[r]);
           if (alpha != 1.0f) scale_row(O + r * Dp, Dp, alpha);
         }
         mm(nq, Dp, nk, S, bk, Vp + j0 * Dp, 16, Dp, O, Dp, /*accumulate=*/j0 > 0);
