@@ -17,6 +17,8 @@
 // scratch before packing, each query block into a scratch block before its tiles read it.
 #include <pybind11/pybind11.h>
 
+#include "activation512.h"
+#include "attention_bf16.h"
 #include "common.h"
 #include "gemm512.h"
 #include "rotary.h"
@@ -164,11 +166,11 @@ void rotate_rows(const float* x, int64_t sx, int64_t n, int64_t p0, int64_t D, c
 
 void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const float* v, Strides sv, float* out,
                    Strides so, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool causal, float scale,
-                   const int32_t* key_lengths, const float* rope_cos = nullptr, const float* rope_sin = nullptr,
-                   int64_t rope_start = 0) {
+                   const int32_t* key_lengths, const float* rope_cos, const float* rope_sin, int64_t rope_start,
+                   bool bf16_dots) {
   const int64_t nqb = ceil_div(Lq, kMaxBQ), bq = ceil_div(Lq, nqb);
   const int64_t nkb = ceil_div(Lk, kMaxBK), bk = round_up(ceil_div(Lk, nkb), 16);
-  const int64_t Lkp = round_up(Lk, 16), Dp = round_up(D, 8);
+  const int64_t Lkp = round_up(Lk, 16), Dp = round_up(D, bf16_dots ? 16 : 8), D2 = ceil_div(D, 2);
   const int64_t tasks = B * H * nqb;
   // Whole (batch, head) units when there are plenty (one K/V packing each), else single query blocks.
   const int64_t grain = B * H >= 4 * max_threads() ? nqb : 1;
@@ -177,8 +179,13 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
   auto* const softmax = zmm ? &softmax_row512 : &softmax_row;
   parallel_for(tasks, grain, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<float> kbuf, vbuf, sbuf, obuf, mlbuf, rbuf, qbuf;
-    float* Kp = scratch(kbuf, Lkp * D);
-    float* Vp = scratch(vbuf, Lk * Dp);
+    thread_local std::vector<uint32_t> kpairs, vpairs, qpairs, ppairs, rowpairs;  // bf16_dots: the header's layouts
+    float* Kp = bf16_dots ? nullptr : scratch(kbuf, Lkp * D);
+    float* Vp = bf16_dots ? nullptr : scratch(vbuf, Lk * Dp);
+    uint32_t* Kb = bf16_dots ? scratch(kpairs, Lkp * D2) : nullptr;
+    uint32_t* Vb = bf16_dots ? scratch(vpairs, ceil_div(Lk, 2) * Dp) : nullptr;
+    uint32_t* Qb = bf16_dots ? scratch(qpairs, bq * D2) : nullptr;
+    uint32_t* Pb = bf16_dots ? scratch(ppairs, bq * bk / 2) : nullptr;
     float* S = scratch(sbuf, bq * bk);
     float* O = scratch(obuf, bq * Dp);
     float* M = scratch(mlbuf, 2 * bq);
@@ -194,7 +201,8 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
           rotate_rows(kk, skl, Lk, 0, D, rope_cos, rope_sin, rope_start, Kr);
           kk = Kr, skl = D;
         }
-        pack_kv(kk, skl, v + b * sv.b + h * sv.h, sv.l, Lk, D, Dp, Kp, Vp);
+        if (bf16_dots) attention_bf16::pack_kv(kk, skl, v + b * sv.b + h * sv.h, sv.l, Lk, D, Dp, Kb, Vb, scratch(rowpairs, D2));
+        else pack_kv(kk, skl, v + b * sv.b + h * sv.h, sv.l, Lk, D, Dp, Kp, Vp);
         packed = bh;
       }
       const int64_t i0 = qb * bq, nq = std::min(bq, Lq - i0);
@@ -212,11 +220,13 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
         for (int64_t r = 0; r < nq; ++r) std::memset(orows + r * so.l, 0, D * sizeof(float));
         continue;
       }
+      if (bf16_dots) attention_bf16::to_pairs(qrows, sql, nq, D, Qb, D2);
       std::fill(M, M + nq, -INFINITY);
       std::fill(Lsum, Lsum + nq, 0.0f);
       for (int64_t j0 = 0; j0 < kend; j0 += bk) {
         const int64_t nk = std::min(bk, kend - j0);
-        mm(nq, round_up(nk, 8), D, qrows, sql, Kp + (j0 / 16) * D * 16, 16 * D, 16, S, bk, false);
+        if (bf16_dots) attention_bf16::gemm(nq, round_up(nk, 16), D2, Qb, D2, Kb + (j0 / 16) * D2 * 16, 16 * D2, 16, S, bk, false);
+        else mm(nq, round_up(nk, 8), D, qrows, sql, Kp + (j0 / 16) * D * 16, 16 * D, 16, S, bk, false);
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t valid = causal ? std::max<int64_t>(0, std::min(nk, i0 + r + 1 - j0)) : nk;
           if (valid == 0) {  // a causal row past this batch's keys sees nothing in this block
@@ -226,7 +236,12 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
           const float alpha = softmax(S + r * bk, valid, nk, scale, M[r], Lsum[r]);
           if (alpha != 1.0f) scale_row(O + r * Dp, Dp, alpha);
         }
-        mm(nq, Dp, nk, S, bk, Vp + j0 * Dp, 16, Dp, O, Dp, /*accumulate=*/j0 > 0);
+        if (bf16_dots) {  // P rounded to bf16 pairs along the keys, times V's pairs
+          attention_bf16::to_pairs(S, bk, nq, nk, Pb, bk / 2);
+          attention_bf16::gemm(nq, Dp, ceil_div(nk, 2), Pb, bk / 2, Vb + (j0 / 2) * Dp, 16, Dp, O, Dp, j0 > 0);
+        } else {
+          mm(nq, Dp, nk, S, bk, Vp + j0 * Dp, 16, Dp, O, Dp, /*accumulate=*/j0 > 0);
+        }
       }
       for (int64_t r = 0; r < nq; ++r) {
         const float inv = Lsum[r] > 0.0f ? 1.0f / Lsum[r] : 0.0f;  // 0: a causal row that saw no key
@@ -252,22 +267,27 @@ void bind_attention(py::module_& m) {
       "attention",
       [](uintptr_t q, py::tuple sq, uintptr_t k, py::tuple sk, uintptr_t v, py::tuple sv, uintptr_t out,
          py::tuple so, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool causal, float scale,
-         uintptr_t key_lengths, uintptr_t rope_cos, uintptr_t rope_sin, int64_t rope_start) {
+         uintptr_t key_lengths, uintptr_t rope_cos, uintptr_t rope_sin, int64_t rope_start, bool bf16_dots) {
+        if (bf16_dots && !attention_bf16_supported())
+          throw std::invalid_argument("attention: bf16_dots needs AVX512-BF16 (see attention_bf16_supported())");
         auto st = [](py::tuple t) { return Strides{t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>()}; };
         const Strides a = st(sq), b = st(sk), c = st(sv), d = st(so);
         py::gil_scoped_release release;
         attention_f32(reinterpret_cast<const float*>(q), a, reinterpret_cast<const float*>(k), b,
                       reinterpret_cast<const float*>(v), c, reinterpret_cast<float*>(out), d, B, H, Lq, Lk, D, causal,
                       scale, reinterpret_cast<const int32_t*>(key_lengths), reinterpret_cast<const float*>(rope_cos),
-                      reinterpret_cast<const float*>(rope_sin), rope_start);
+                      reinterpret_cast<const float*>(rope_sin), rope_start, bf16_dots);
       },
       py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
       py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"), py::arg("v_strides"),
       py::arg("out"), py::arg("out_strides"), py::arg("B"), py::arg("H"), py::arg("Lq"), py::arg("Lk"), py::arg("D"),
       py::arg("causal"), py::arg("scale"), py::arg("key_lengths") = 0,
-      py::arg("rope_cos") = 0, py::arg("rope_sin") = 0, py::arg("rope_start") = 0,
+      py::arg("rope_cos") = 0, py::arg("rope_sin") = 0, py::arg("rope_start") = 0, py::arg("bf16_dots") = false,
       "softmax(q k^T * scale [+ causal mask]) v on fp32 pointers; strides (b, h, l) in elements, unit stride on D; "
-      "key_lengths: (B,) int32 visible keys per batch row (a prefix key-padding mask), or 0 for none.");
+      "key_lengths: (B,) int32 visible keys per batch row (a prefix key-padding mask), or 0 for none; bf16_dots: "
+      "both products on bf16-rounded operands with fp32 sums (csrc/attention_bf16.h).");
+  m.def("attention_bf16_supported", &attention_bf16_supported,
+        "True if attention(bf16_dots=True) runs here: AVX512-BF16 present and AVX-512 not switched off.");
 }
 
 }  // namespace fastclip

@@ -92,7 +92,8 @@ inline void row_tiles(int64_t M, int64_t max_rows, const F& f) {
 }
 
 // Per-thread scratch that grows and is reused across calls (a few hundred KiB at most).
-inline float* scratch(std::vector<float>& buf, size_t n) {
+template <class T>
+inline T* scratch(std::vector<T>& buf, size_t n) {
   if (buf.size() < n) buf.resize(n);
   return buf.data();
 }

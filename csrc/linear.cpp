@@ -40,7 +40,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "activation.h"
+#include "activation512.h"
 #include "common.h"
 #include "gemm512.h"
 #include "linear_avx2.h"
@@ -64,17 +64,6 @@ constexpr int64_t kBlockBytes = 1 << 20;     // x rows per block: about this man
 
 namespace fastclip {
 namespace {
-
-template <int ACT>
-inline __m512 activate512(__m512 v) {
-  if (ACT == kNone) return v;
-  const __m512d d = _mm512_castps_pd(v);  // (the masked forms avoid GCC's uninitialised-operand warnings)
-  const __m256 lo = activate<ACT>(_mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, d, 0)));
-  const __m256 hi = activate<ACT>(_mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, d, 1)));
-  const __m512d zero = _mm512_setzero_pd();
-  const __m512d out = _mm512_mask_insertf64x4(zero, 0xFF, zero, _mm256_castps_pd(lo), 0);
-  return _mm512_castpd_ps(_mm512_mask_insertf64x4(out, 0xFF, out, _mm256_castps_pd(hi), 1));
-}
 
 // y[0:MR, 0:32] (+)= A[0:MR, 0:kc] @ panel[0:kc, 0:32] for one k chunk: the first chunk starts from zero,
 // later ones add to y; the last adds the bias and applies the activation. Stores are masked to the

@@ -46,7 +46,7 @@
 #include <string>
 #include <vector>
 
-#include "activation.h"
+#include "activation512.h"
 #include "common.h"
 #include "gemm512.h"
 
@@ -346,15 +346,7 @@ inline void store16_512(__m512i acc, float sr, int32_t zr, const float* ws, cons
   const __m512i c = _mm512_loadu_si512(cs);
   const __m512 v = _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(zr), c)));
   const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(sr), _mm512_loadu_ps(ws));
-  __m512 out = _mm512_fmadd_ps(v, sc, _mm512_loadu_ps(bias));
-  if (ACT != kNone) {  // the activation is the AVX2 code of bias_act, on two halves
-    alignas(64) float t[16];
-    _mm512_store_ps(t, out);
-    _mm256_store_ps(t, activate<ACT>(_mm256_load_ps(t)));
-    _mm256_store_ps(t + 8, activate<ACT>(_mm256_load_ps(t + 8)));
-    out = _mm512_load_ps(t);
-  }
-  _mm512_mask_storeu_ps(y, mask, out);
+  _mm512_mask_storeu_ps(y, mask, activate512<ACT>(_mm512_fmadd_ps(v, sc, _mm512_loadu_ps(bias))));
 }
 
 template <int ACT>

@@ -144,15 +144,17 @@ def cmd_info(args) -> int:
 
 
 def _cpu_paths() -> str:
-    """Which CPU code paths run here: the fp32 kernels' vector width, the int8 GEMM and its dot products, bf16."""
+    """Which CPU code paths run here: the fp32 kernels' vector width, the int8 GEMM and its dot products, bf16, and
+    the products of int8 and bf16 models' attention."""
     from fastclip.backends import bf16, int8
 
     try:
         from fastclip import _C
 
         fp32 = "avx512" if _C.avx512_present() else "avx2" if _C.cpu_supported() else "reference ops"
+        dots = "bf16" if _C.attention_bf16_supported() else "fp32"
     except ImportError:
-        fp32 = "reference ops"
+        fp32, dots = "reference ops", "fp32"
     try:
         gemm = int8.gemm()
     except ValueError as exc:
@@ -164,7 +166,7 @@ def _cpu_paths() -> str:
     else:
         int8_dots = gemm
     bf16_isa = "+".join(bf16.cpu_bf16_instructions()) or "none (bf16 refused)"
-    return f"fp32 {fp32}, int8 {int8_dots}, bf16 {bf16_isa}"
+    return f"fp32 {fp32}, int8 {int8_dots}, bf16 {bf16_isa}, int8/bf16 attention products {dots}"
 
 
 # a small built-in caption set for calibrating the text tower when no --calibrate-texts file is given

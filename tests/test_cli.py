@@ -79,6 +79,7 @@ def test_models_and_info(capsys):
     assert ("int8 fastclip kernel" in paths) == (int8.gemm() == "kernel")
     assert ("bf16 none" in paths) == (not flags & {"avx512_bf16", "amx_bf16"} or
                                       bool(os.environ.get("FASTCLIP_DISABLE_AVX512")))
+    assert ("attention products bf16" in paths) == ("avx512_bf16" in flags and "fp32 avx512" in paths)
 
 
 def test_console_script_installed():

@@ -21,7 +21,8 @@ Scheme (per linear layer y = x @ W.T + b):
     default where the kernel cannot run (no C++ extension).
 
 Only ``linear`` changes: layer norm, attention, bias + activation and the pooled-row projections run
-the fp32 ops of the model's backend (``cpu``, the C++ kernels, or ``ref``). The int8 table looks the packed weight up by
+the fp32 ops of the model's backend (``cpu``, the C++ kernels, or ``ref``) -- except that the cpu backend's
+attention takes its bf16 products (``bf16_dots``) on CPUs with AVX512-BF16. The int8 table looks the packed weight up by
 the fp32 weight tensor it is called with (or a row view of one that was packed); a weight that is not
 packed runs the fp32 op. A packed weight whose fp32 master changed in place is
 re-quantised on its next use.
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import warnings
 from collections.abc import Iterator
@@ -73,6 +75,8 @@ def _kernel():
 
 
 KERNEL = _kernel()
+if KERNEL is not None:
+    from .cpu import attention as cpu_attention
 GEMMS = ("kernel", "fbgemm")
 # where the kernel is the default GEMM: every path it has (faster with VNNI, more accurate without: module docstring)
 KERNEL_DEFAULT_PATHS = ("avx512_vnni", "avx512", "avx_vnni", "avx2")
@@ -562,4 +566,6 @@ def int8_ops(base: OpTable, weights: Int8Weights) -> OpTable:
         return fp32_layer_norm(x, weight, bias, eps, residual=residual, upcast=upcast)
 
     table = dataclasses.replace(base, linear=linear, linear_act=linear_act)
+    if KERNEL is not None and base.attention is cpu_attention.attention:  # bf16 products where the CPU has them
+        table = dataclasses.replace(table, attention=functools.partial(cpu_attention.attention, bf16_dots=True))
     return dataclasses.replace(table, layer_norm=layer_norm) if weights.has_norms else table

@@ -10,8 +10,14 @@ from . import buffers
 from .common import native, ptr, unit_last
 
 
+def bf16_dots_supported() -> bool:
+    """True if ``attention(..., bf16_dots=True)`` runs its bf16 products here: AVX512-BF16 (Zen 4, Cooper Lake,
+    Sapphire Rapids and later) and AVX-512 not switched off (``_C.set_avx512`` / FASTCLIP_DISABLE_AVX512)."""
+    return _C.attention_bf16_supported()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, upcast: bool = False,
-              key_mask: torch.Tensor | None = None, rotary: tuple | None = None):
+              key_mask: torch.Tensor | None = None, rotary: tuple | None = None, bf16_dots: bool = False):
     """softmax(q k^T / sqrt(Dh) [+ causal mask]) v.  q: (B, H, Lq, Dh), k/v: (B, H, Lk, Dh) -> (B, H, Lq, Dh).
 
     The result is a (B, H, Lq, Dh) view of a (B, Lq, H, Dh) buffer, so ``out.transpose(1, 2).reshape(B, Lq,
@@ -20,9 +26,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     runs the reference op. ``rotary`` (cos, sin, start): q and k rotated by position inside the kernel (each
     query block and each head's keys as the kernel loads them; see ``fastclip.ref.attention``). bf16 q, k, v
     (a bf16 model) run the same kernel on fp32 copies, the result rounded to bf16 once (``_bf16``).
+
+    ``bf16_dots`` (bf16 and int8 models): both products on q, k, v and the softmax weights rounded to bf16,
+    summed in fp32 (vdpbf16ps, twice the fp32 FMA rate; csrc/attention_bf16.h), where ``bf16_dots_supported()``;
+    elsewhere the fp32 products. The softmax stays fp32.
     """
     if not upcast and native(q, k, v, dtype=torch.bfloat16):
         return _bf16(q, k, v, causal, key_mask, rotary)
+    bf16_dots = bool(bf16_dots) and not upcast and _C.attention_bf16_supported()
     lengths = None if key_mask is None else _prefix_lengths(key_mask, k)
     angles = None if rotary is None else _angles(rotary, q, k)
     fallback = dict(causal=causal, upcast=upcast, key_mask=key_mask, rotary=rotary)
@@ -41,20 +52,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                  v_strides=v.stride()[:3], out=out.data_ptr(), out_strides=out.stride()[:3], B=B, H=H, Lq=Lq, Lk=Lk,
                  D=D, causal=bool(causal), scale=1.0 / math.sqrt(D),
                  key_lengths=0 if lengths is None else lengths.data_ptr(), rope_cos=ptr(cos), rope_sin=ptr(sin),
-                 rope_start=start)
+                 rope_start=start, bf16_dots=bf16_dots)
     return out
 
 
 def _bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_mask: torch.Tensor | None,
           rotary: tuple | None) -> torch.Tensor:
-    """bf16 q, k, v (shapes as ``attention``) -> bf16: the fp32 kernel on fp32 copies. The rotation, both
-    products and the softmax are then fp32 (the reference's bf16 products round q k^T and the weights to bf16),
-    and at ViT-B/16 shapes (32 x 12 heads x 197 tokens, rotary) it takes 42 ms against the reference's 147 on a
-    2-core Zen 4. The copies cost two bytes more per element, for the duration of the call."""
+    """bf16 q, k, v (shapes as ``attention``) -> bf16: the kernel on fp32 copies, with its bf16 products where
+    the CPU has them (exact on bf16 q, k, v; the softmax weights are rounded to bf16, as in the reference's
+    bf16 product), else fp32 ones. The rotation and the softmax are fp32. At ViT-B/16 shapes (32 x 12 heads x
+    197 tokens, rotary) the fp32-product kernel took 42 ms against the reference's 147 on a 2-core Zen 4. The
+    copies cost two bytes more per element, for the duration of the call."""
     if rotary is not None:
         cos, sin, start = rotary
         rotary = (cos.float(), sin.float(), start)
-    out = attention(q.float(), k.float(), v.float(), causal=causal, key_mask=key_mask, rotary=rotary)
+    out = attention(q.float(), k.float(), v.float(), causal=causal, key_mask=key_mask, rotary=rotary, bf16_dots=True)
     return out.to(torch.bfloat16)  # keeps the (B, Lq, H, Dh) layout of the fp32 result
 
 
