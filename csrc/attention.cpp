@@ -164,6 +164,9 @@ void rotate_rows(const float* x, int64_t sx, int64_t n, int64_t p0, int64_t D, c
   }
 }
 
+}  // namespace
+
+// Declared in csrc/ops.h (the fused encoder block calls it).
 void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const float* v, Strides sv, float* out,
                    Strides so, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool causal, float scale,
                    const int32_t* key_lengths, const float* rope_cos, const float* rope_sin, int64_t rope_start,
@@ -255,7 +258,6 @@ void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const
   });
 }
 
-}  // namespace
 }  // namespace fastclip
 
 #pragma GCC pop_options

@@ -15,8 +15,8 @@ namespace py = pybind11;
 #pragma GCC target("avx2,fma")
 
 namespace fastclip {
-namespace {
 
+// Declared in csrc/ops.h (the fused encoder block calls it).
 void layer_norm_f32(const float* x, int64_t sx, const float* r, int64_t sr, const float* w, const float* b, float* y,
                     int64_t sy, float* s, int64_t ss, int64_t rows, int64_t D, float eps) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
@@ -26,7 +26,6 @@ void layer_norm_f32(const float* x, int64_t sx, const float* r, int64_t sr, cons
   });
 }
 
-}  // namespace
 }  // namespace fastclip
 
 #pragma GCC pop_options

@@ -462,10 +462,9 @@ void groups_zmm(const uint8_t* xq, int64_t K4, int64_t M, const int8_t* packed, 
 #pragma GCC pop_options
 
 namespace fastclip {
-namespace {
 
-// The whole call: quantise x into the calling thread's scratch, then the GEMM, threads over
-// (row block, contiguous range of column groups) items.
+// The whole call (declared in csrc/ops.h; the caller releases the GIL): quantise x into the calling thread's
+// scratch, then the GEMM, threads over (row block, contiguous range of column groups) items.
 void linear_int8(const float* x, int64_t sx, const float* xs, const int8_t* packed, const float* ws, const int32_t* cs,
                  const float* bias, float* y, int64_t sy, int64_t M, int64_t N, int64_t K, int act) {
   const Path p = path();
@@ -475,7 +474,6 @@ void linear_int8(const float* x, int64_t sx, const float* xs, const int8_t* pack
   uint8_t* xq = buf;  // (M, K4) u8
   auto* s = reinterpret_cast<float*>(buf + round_up(M * K4, 64));  // (M,) row scales
   auto* z = reinterpret_cast<int32_t*>(s + M);                      // (M,) row zero points
-  py::gil_scoped_release release;
   quantize_rows(x, sx, xs, M, K, K4, levels(p), xq, s, z);
   const int64_t block_rows = std::max<int64_t>(6, kBlockBytes / K4 / 12 * 12), blocks = ceil_div(M, block_rows);
   const int64_t parts = std::min<int64_t>(groups, max_threads());
@@ -497,8 +495,6 @@ void linear_int8(const float* x, int64_t sx, const float* xs, const int8_t* pack
   });
 }
 
-}  // namespace
-
 void bind_linear_int8(py::module_& m) {
   m.def(
       "linear_int8_path", [] { return std::string(kPathNames[path()]); },
@@ -517,6 +513,7 @@ void bind_linear_int8(py::module_& m) {
           throw std::invalid_argument("linear_int8: bad sizes or strides (need M, N > 0, 0 < K <= 65536, sy >= N)");
         if (!x || !packed || !w_scale || !colsum || !bias || !y)
           throw std::invalid_argument("linear_int8: null pointer (bias is required: zeros for none)");
+        py::gil_scoped_release release;
         linear_int8(reinterpret_cast<const float*>(x), sx, reinterpret_cast<const float*>(x_scale),
                     reinterpret_cast<const int8_t*>(packed),
                     reinterpret_cast<const float*>(w_scale), reinterpret_cast<const int32_t*>(colsum),

@@ -27,6 +27,7 @@ void bind_linear(py::module_& m);
 void bind_linear_int8(py::module_& m);
 void bind_peak(py::module_& m);
 void bind_rotary(py::module_& m);
+void bind_encoder_block(py::module_& m);
 
 namespace {
 
@@ -173,4 +174,5 @@ PYBIND11_MODULE(_C, m) {
   fastclip::bind_linear_int8(m);
   fastclip::bind_peak(m);
   fastclip::bind_rotary(m);
+  fastclip::bind_encoder_block(m);
 }

@@ -11,7 +11,7 @@ from torch import nn
 import fastclip
 from fastclip import ref
 from fastclip.backends import int8
-from fastclip.backends.dispatch import OP_NAMES, OpTable, get_ops
+from fastclip.backends.dispatch import FUSED_NAMES, OP_NAMES, OpTable, get_ops
 from fastclip.models import registry
 from fastclip.models.clip import CLIP
 from fastclip.models.config import parse_config
@@ -119,7 +119,8 @@ def test_hf_text_towers_parse_by_name():
 
 
 def test_op_names_are_the_op_table_fields():
-    assert OP_NAMES == tuple(f for f in OpTable.__dataclass_fields__ if f != "backend")
+    assert OP_NAMES + FUSED_NAMES == tuple(f for f in OpTable.__dataclass_fields__ if f != "backend")
+    assert get_ops("ref").encoder_block is None  # fused ops are optional; the plain tables compose them
     for name in OP_NAMES:
         assert callable(getattr(ref, name)), f"fastclip.ref has no op {name!r}"
         for backend in ("ref", "cpu"):

@@ -16,6 +16,7 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +27,21 @@ BACKENDS = ("ref", "cpu", "triton")
 ALIASES = {"cpp": "cpu"}  # older name of the C++ CPU backend
 _EXPECTED = "'auto', 'ref', 'cpu' (alias 'cpp'), 'triton'"
 _fallback_warned = False  # the auto -> ref fallback on a CPU warns once per process
+
+
+class EncoderBlockWeights(NamedTuple):
+    """The parameters of one pre-norm transformer block, as ``OpTable.encoder_block`` takes them: LayerNorms
+    as (gain (W,), bias (W,), eps), linear layers as (weight (N, K), bias (N,)); ``in_proj`` (3W, W) holds q, k
+    and v; ``fc`` (mlp, W) is followed by ``act``; ``heads`` divides W."""
+
+    ln_1: tuple
+    in_proj: tuple
+    out_proj: tuple
+    ln_2: tuple
+    fc: tuple
+    proj: tuple
+    act: str
+    heads: int
 
 
 @dataclass(frozen=True)
@@ -44,9 +60,14 @@ class OpTable:
     rotary: Callable
     resample_positions: Callable
     conv2d_act: Callable
+    # A fused op a table may have (None where it has none; not in OP_NAMES): one pre-norm transformer block,
+    # ``encoder_block(x, pending, weights, causal, key_mask) -> (s, m)`` or None for arguments it does not take,
+    # the model then composing the block from the ops above (fastclip/models/transformer.py apply_split).
+    encoder_block: Callable | None = None
 
 
-OP_NAMES: tuple[str, ...] = tuple(f.name for f in fields(OpTable) if f.name != "backend")
+FUSED_NAMES: tuple[str, ...] = ("encoder_block",)
+OP_NAMES: tuple[str, ...] = tuple(f.name for f in fields(OpTable) if f.name not in ("backend", *FUSED_NAMES))
 
 
 def _ref_table() -> OpTable:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import ref
-from ..backends.dispatch import OpTable
+from ..backends.dispatch import EncoderBlockWeights, OpTable
 
 
 class LayerNorm(nn.LayerNorm):
@@ -169,11 +169,24 @@ class ResidualAttentionBlock(nn.Module):
         """The block on ``x + pending`` (``pending``: the previous block's MLP output, or None), returned as
         the pair (s, m) whose sum is the output: the residual add is left to the next block's LayerNorm,
         which makes it in the same pass.  x, pending: (B, L, W) -> s, m: (B, L, W). ``key_mask``: (B, L) bool,
-        True = a real token (padded tokens are attended to by none)."""
+        True = a real token (padded tokens are attended to by none). A table with a fused ``encoder_block``
+        runs the whole block in one call where it takes these arguments."""
+        if ops.encoder_block is not None:
+            fused = ops.encoder_block(x, pending, self.weights(), causal, key_mask)
+            if fused is not None:
+                return fused
         y, x = self._ln_1(x, pending, ops)
         h = self.attn.self_attention(y, ops, causal, key_mask)
         y, x = ops.layer_norm(h, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, residual=x)  # x += h; y = ln_2(x)
         return x, self.mlp.apply_op(y, ops)
+
+    def weights(self) -> EncoderBlockWeights:
+        """The block's parameters for a fused ``encoder_block``."""
+        attn, mlp = self.attn, self.mlp
+        return EncoderBlockWeights(
+            (self.ln_1.weight, self.ln_1.bias, self.ln_1.eps), (attn.in_proj_weight, attn.in_proj_bias),
+            (attn.out_proj.weight, attn.out_proj.bias), (self.ln_2.weight, self.ln_2.bias, self.ln_2.eps),
+            (mlp.c_fc.weight, mlp.c_fc.bias), (mlp.c_proj.weight, mlp.c_proj.bias), mlp.act, attn.heads)
 
     def apply_pooled(self, x: torch.Tensor, ops: OpTable, causal: bool, index: torch.Tensor,
                      pending: torch.Tensor | None = None) -> torch.Tensor:

@@ -34,7 +34,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if not upcast and native(q, k, v, dtype=torch.bfloat16):
         return _bf16(q, k, v, causal, key_mask, rotary)
     bf16_dots = bool(bf16_dots) and not upcast and _C.attention_bf16_supported()
-    lengths = None if key_mask is None else _prefix_lengths(key_mask, k)
+    lengths = None if key_mask is None or k.ndim != 4 else prefix_lengths(key_mask, k.shape[0], k.shape[2])
     angles = None if rotary is None else _angles(rotary, q, k)
     fallback = dict(causal=causal, upcast=upcast, key_mask=key_mask, rotary=rotary)
     if (key_mask is not None and lengths is None) or (rotary is not None and angles is None):
@@ -82,9 +82,9 @@ def _angles(rotary: tuple, q: torch.Tensor, k: torch.Tensor):
     return cos.contiguous(), sin.contiguous(), int(start)
 
 
-def _prefix_lengths(key_mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+def prefix_lengths(key_mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor | None:
     """(B,) int32 counts of real keys if ``key_mask`` (B, Lk) bool is a prefix mask on the CPU, else None."""
-    if key_mask.dtype != torch.bool or key_mask.ndim != 2 or k.ndim != 4 or key_mask.shape != (k.shape[0], k.shape[2]):
+    if key_mask.dtype != torch.bool or key_mask.ndim != 2 or key_mask.shape != (batch, keys):
         return None  # the reference op raises its error for a bad mask
     lengths = key_mask.sum(dim=1, dtype=torch.int32)  # (B,)
     prefix = torch.arange(key_mask.shape[1]) < lengths[:, None]  # (B, Lk)

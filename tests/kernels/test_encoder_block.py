@@ -1,0 +1,117 @@
+"""The int8 table's fused ``encoder_block`` (csrc/encoder_block.cpp, fastclip/backends/int8_block.py): a whole
+pre-norm block in one call must give the op-by-op int8 path's result bit for bit -- image and causal text
+towers, batch 1 and odd batches, a pending residual, NaFlex-style prefix key masks, with the AVX-512 paths on
+and off -- and must decline (None, so the model composes the block) what it does not take."""
+from __future__ import annotations
+
+import dataclasses
+import platform
+
+import pytest
+import torch
+
+if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+    pytest.skip("fastclip._C is built on Linux x86-64 only", allow_module_level=True)
+
+import fastclip  # noqa: E402
+from fastclip import _C  # noqa: E402
+from fastclip.backends import int8  # noqa: E402
+from fastclip.backends.cpu import encoder_block as block_kernel  # noqa: E402
+
+pytestmark = pytest.mark.skipif(int8.KERNEL is None, reason="no int8 kernel on this CPU")
+
+
+def _int8(name: str):
+    model = fastclip.create_model(name, seed=0, backend="cpu", precision="int8")
+    return model, dataclasses.replace(model.ops, encoder_block=None)
+
+
+@pytest.fixture(params=[True, False], ids=["avx512-on", "avx512-off"])
+def avx512(request):
+    previous = _C.set_avx512(request.param)
+    yield request.param
+    _C.set_avx512(previous)
+
+
+@pytest.mark.parametrize("name", ["tiny-clip", "tiny-siglip", "tiny-avgpool-quickgelu"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_towers_equal_the_ops(tiny_config_dir, monkeypatch, avx512, name, batch):
+    model, composed = _int8(name)
+    calls = []
+    kernel = block_kernel.encoder_block_int8
+    monkeypatch.setattr(block_kernel, "encoder_block_int8", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    size = model.cfg.vision.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+    tokens = torch.randint(1, model.cfg.text.vocab_size, (batch, model.cfg.text.context_length),
+                           generator=torch.Generator().manual_seed(batch))
+    with torch.inference_mode():
+        fused = model.encode_image(pixels), model.encode_text(tokens)
+        assert calls, "the int8 table did not fuse the blocks"
+        model.ops = composed
+        plain = model.encode_image(pixels), model.encode_text(tokens)
+    for got, want in zip(fused, plain, strict=True):
+        assert torch.equal(got, want), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("lengths", [None, (7, 3)])
+def test_pending_residual_and_prefix_key_mask(tiny_config_dir, avx512, lengths):
+    model, composed = _int8("tiny-clip")
+    block = model.visual.transformer.resblocks[0]
+    gen = torch.Generator().manual_seed(0)
+    B, L, W = 2, 7, block.ln_1.weight.shape[0]
+    x, pending = torch.randn(B, L, W, generator=gen), torch.randn(B, L, W, generator=gen)
+    key_mask = None if lengths is None else torch.arange(L) < torch.tensor(lengths)[:, None]  # (B, L) prefixes
+    with torch.inference_mode():
+        for p in (None, pending):
+            fused = model.ops.encoder_block(x, p, block.weights(), False, key_mask)
+            assert fused is not None
+            plain = block.apply_split(x, p, composed, False, key_mask)
+            for got, want in zip(fused, plain, strict=True):
+                assert torch.equal(got, want), (got - want).abs().max()
+
+
+def test_declines_what_it_does_not_take(tiny_config_dir):
+    model, _ = _int8("tiny-clip")
+    block = model.visual.transformer.resblocks[0]
+    W = block.ln_1.weight.shape[0]
+    x = torch.randn(2, 5, W)
+    holes = torch.tensor([[True, False, True, True, True], [True] * 5])  # not a prefix mask
+    with torch.inference_mode():
+        assert model.ops.encoder_block(x, None, block.weights(), False, holes) is None
+        assert model.ops.encoder_block(x.transpose(0, 1), None, block.weights(), False, None) is None
+        assert model.ops.encoder_block(x.double(), None, block.weights(), False, None) is None
+    assert model.ops.encoder_block(x.requires_grad_(), None, block.weights(), False, None) is None
+    gated = block.weights()._replace(act="swiglu")
+    with torch.inference_mode():
+        assert model.ops.encoder_block(x, None, gated, False, None) is None
+    assert fastclip.create_model("tiny-clip", seed=0, backend="cpu").ops.encoder_block is None
+    assert fastclip.create_model("tiny-clip", seed=0, backend="ref", precision="int8").ops.encoder_block is None
+
+
+def test_weights_changed_in_place_are_used(tiny_config_dir):
+    """The fused path's cached operands follow an in-place change of the fp32 masters, as the ops do."""
+    model, composed = _int8("tiny-clip")
+    pixels = torch.randn(1, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)
+    with torch.inference_mode():
+        before = model.encode_image(pixels)
+    with torch.no_grad():
+        for block in model.visual.transformer.resblocks:
+            block.mlp.c_proj.weight.mul_(-1.0)
+            block.ln_1.weight.mul_(0.5)
+    with torch.inference_mode():
+        fused = model.encode_image(pixels)
+        model.ops = composed
+        plain = model.encode_image(pixels)
+    assert not torch.equal(fused, before)
+    assert torch.equal(fused, plain)
+
+
+def test_binding_rejects_bad_arguments():
+    layer = (0, 0, 0, 0, 0)
+    args = dict(x=1, pending=0, s_out=1, m_out=1, scratch=1, B=1, L=1, W=6, H=4, mlp=8, ln1_w=1, ln1_b=1,
+                ln1_eps=1e-5, ln2_w=1, ln2_b=1, ln2_eps=1e-5, qkv=layer, out=layer, fc=layer, proj=layer, act=0,
+                causal=False)
+    with pytest.raises(ValueError, match="multiple of H"):
+        _C.encoder_block_int8(**args)
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.encoder_block_int8(**{**args, "H": 2})
