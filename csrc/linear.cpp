@@ -223,6 +223,19 @@ void run(int64_t panel, const float* x, int64_t sx, const float* packed, const f
 
 }  // namespace
 
+int64_t linear_panel_width() { return panel_width(); }
+
+// Declared in csrc/ops.h (the fused encoder block calls it; the caller checks the panel and releases the GIL).
+void linear_f32_packed(int64_t panel, const float* x, int64_t sx, const float* packed, const float* bias, float* y,
+                       int64_t sy, int64_t M, int64_t N, int64_t K, int act) {
+  switch (act) {
+    case kNone: run<kNone>(panel, x, sx, packed, bias, y, sy, M, N, K); break;
+    case kGelu: run<kGelu>(panel, x, sx, packed, bias, y, sy, M, N, K); break;
+    case kGeluTanh: run<kGeluTanh>(panel, x, sx, packed, bias, y, sy, M, N, K); break;
+    default: run<kQuickGelu>(panel, x, sx, packed, bias, y, sy, M, N, K); break;
+  }
+}
+
 void bind_linear(py::module_& m) {
   m.def("linear_supported", &cpu_supported,
         "True if the packed linear kernel runs here: its AVX2 + FMA path on any such CPU, its AVX-512 path "
@@ -256,12 +269,7 @@ void bind_linear(py::module_& m) {
         const auto* bp = reinterpret_cast<const float*>(bias);
         auto* yp = reinterpret_cast<float*>(y);
         py::gil_scoped_release release;
-        switch (act) {
-          case kNone: run<kNone>(panel, xp, sx, pp, bp, yp, sy, M, N, K); break;
-          case kGelu: run<kGelu>(panel, xp, sx, pp, bp, yp, sy, M, N, K); break;
-          case kGeluTanh: run<kGeluTanh>(panel, xp, sx, pp, bp, yp, sy, M, N, K); break;
-          default: run<kQuickGelu>(panel, xp, sx, pp, bp, yp, sy, M, N, K); break;
-        }
+        linear_f32_packed(panel, xp, sx, pp, bp, yp, sy, M, N, K, act);
       },
       py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
       py::arg("x"), py::arg("sx"), py::arg("packed"), py::arg("panel"), py::arg("bias"), py::arg("y"), py::arg("sy"),

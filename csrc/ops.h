@@ -18,6 +18,12 @@ void layer_norm_f32(const float* x, int64_t sx, const float* r, int64_t sr, cons
 void linear_int8(const float* x, int64_t sx, const float* xs, const int8_t* packed, const float* ws, const int32_t* cs,
                  const float* bias, float* y, int64_t sy, int64_t M, int64_t N, int64_t K, int act);
 
+// csrc/linear.cpp. y (M, N) rows sy apart = act(x (M, K) rows sx apart @ W^T + bias (N,) or null), W packed
+// in panels of `panel` columns for the path that runs now (linear_panel_width()).
+void linear_f32_packed(int64_t panel, const float* x, int64_t sx, const float* packed, const float* bias, float* y,
+                       int64_t sy, int64_t M, int64_t N, int64_t K, int act);
+int64_t linear_panel_width();  // 32 (AVX-512 path), 16 (AVX2 + FMA) or 0
+
 // csrc/attention.cpp. softmax(q k^T * scale [+ causal mask]) v: q (B, H, Lq, D), k / v (B, H, Lk, D), out
 // (B, H, Lq, D), strides (b, h, l) in elements, unit stride on D; key_lengths (B,) or null; rope_* null for none.
 void attention_f32(const float* q, Strides sq, const float* k, Strides sk, const float* v, Strides sv, float* out,

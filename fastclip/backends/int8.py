@@ -568,8 +568,10 @@ def int8_ops(base: OpTable, weights: Int8Weights) -> OpTable:
     table = dataclasses.replace(base, linear=linear, linear_act=linear_act)
     if KERNEL is not None and base.attention is cpu_attention.attention:  # bf16 products where the CPU has them
         table = dataclasses.replace(table, attention=functools.partial(cpu_attention.attention, bf16_dots=True))
-    if KERNEL is not None and base.backend == "cpu":  # whole pre-norm blocks in one call (int8_block.py)
+    fused = None  # whole pre-norm blocks in one call (int8_block.py); never the base table's fp32 one
+    if KERNEL is not None and base.backend == "cpu":
         from .int8_block import fused_block
 
-        table = dataclasses.replace(table, encoder_block=fused_block(weights, KERNEL))
+        fused = fused_block(weights, KERNEL)
+    table = dataclasses.replace(table, encoder_block=fused)
     return dataclasses.replace(table, layer_norm=layer_norm) if weights.has_norms else table

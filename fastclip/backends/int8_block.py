@@ -11,59 +11,45 @@ from collections.abc import Callable
 
 import torch
 
-from .. import ref
 from .dispatch import EncoderBlockWeights
 
 
 def fused_block(weights, kernel) -> Callable:
     """``encoder_block`` for an int8 table over the cpu backend: ``weights`` the model's Int8Weights, ``kernel``
     fastclip/backends/cpu/linear_int8.py."""
-    from .cpu import attention as cpu_attention
     from .cpu import encoder_block as block_kernel
+    from .cpu.attention import bf16_dots_supported
 
     plans: dict[int, tuple] = {}  # id(in_proj weight) -> (act, heads, versions of the tensors), plan or None
 
     def plan_of(blk: EncoderBlockWeights):
-        """(ln_1, ln_2, layers, keep-alive) of the block's current weights, or None if it cannot be fused."""
+        """(ln_1, ln_2, layers, mlp, keep-alive) of the block's current weights, or None if it cannot be fused."""
         tensors = (*blk.ln_1[:2], *blk.in_proj, *blk.out_proj, *blk.ln_2[:2], *blk.fc, *blk.proj)
         versions = (blk.act, blk.heads, *(None if t is None else (t._version, t.data_ptr()) for t in tensors))
         cached = plans.get(id(blk.in_proj[0]))
         if cached is not None and cached[0] == versions:
             return cached[1]
-        plan = _make_plan(blk, weights, kernel)
+        plan = _make_plan(blk, weights, kernel, block_kernel)
         plans[id(blk.in_proj[0])] = (versions, plan)
         return plan
 
     def encoder_block(x: torch.Tensor, pending: torch.Tensor | None, blk: EncoderBlockWeights, causal: bool,
                       key_mask: torch.Tensor | None):
         """(s, m) of the pre-norm block on ``x + pending`` (x, pending: (B, L, W)), or None (not fused here)."""
-        if (x.dtype != torch.float32 or not x.is_cpu or x.ndim != 3 or x.numel() == 0 or not x.is_contiguous()
-                or (torch.is_grad_enabled() and x.requires_grad)):
-            return None
-        if pending is not None and (pending.shape != x.shape or pending.dtype != x.dtype or not pending.is_cpu
-                                    or not pending.is_contiguous() or pending.requires_grad):
-            return None
-        plan = plan_of(blk)
+        ok, lengths = block_kernel.takes(x, pending, key_mask)
+        plan = plan_of(blk) if ok else None
         if plan is None or x.shape[-1] != plan[0][0].shape[0]:
             return None
-        lengths = None
-        if key_mask is not None:
-            lengths = cpu_attention.prefix_lengths(key_mask, x.shape[0], x.shape[1])
-            if lengths is None:
-                return None
         ln_1, ln_2, layers, mlp = plan[:4]
-        return block_kernel.encoder_block_int8(x, pending, ln_1, ln_2, layers, blk.heads, mlp, blk.act, causal,
-                                               lengths, cpu_attention.bf16_dots_supported())
+        return block_kernel.run_block(x, pending, ln_1, ln_2, layers, blk.heads, mlp, blk.act, causal, lengths,
+                                      bf16_dots_supported(), int8=True)
 
     return encoder_block
 
 
-def _make_plan(blk: EncoderBlockWeights, weights, kernel):
+def _make_plan(blk: EncoderBlockWeights, weights, kernel, block_kernel):
     """The kernel's operands of ``blk`` as the int8 table's ops would use them, or None."""
-    from .cpu.common import ACT_CODES
-    from .cpu.encoder_block import layer
-
-    if blk.act not in ACT_CODES or ref.ACTIVATION_TABLE[blk.act].gated or blk.fc[1] is None:
+    if not block_kernel.plain_act(blk.act) or blk.fc[1] is None:
         return None
     entries = (weights.lookup(*blk.in_proj), weights.lookup(*blk.out_proj), weights.lookup(blk.fc[0], None),
                weights.lookup(*blk.proj))
@@ -74,17 +60,12 @@ def _make_plan(blk: EncoderBlockWeights, weights, kernel):
         return None
     packs = (entries[0].pack, entries[1].pack, fc_pack, entries[3].pack)
     W, mlp = packs[1].N, packs[2].N
-    if packs[0].N != 3 * W or packs[0].K != W or packs[1].K != W or packs[2].K != W or packs[3].K != mlp \
-            or packs[3].N != W or W % blk.heads:
+    if ((packs[0].N, packs[0].K, packs[1].K, packs[2].K, packs[3].N, packs[3].K) != (3 * W, W, W, W, W, mlp)
+            or W % blk.heads):
         return None
-    norms = []
-    for gain, bias, eps in (blk.ln_1, blk.ln_2):
-        smoothed = weights.norm(gain, bias)
-        g, b = smoothed if smoothed is not None else (gain, bias)
-        if g is None or b is None or g.dtype != torch.float32 or b.dtype != torch.float32 or g.shape != (W,) \
-                or b.shape != (W,):
-            return None
-        norms.append((g.detach().contiguous(), b.detach().contiguous(), float(eps)))
+    ln = block_kernel.norms(blk, W, weights.norm)
+    if ln is None:
+        return None
     scales = [e.input_scale for e in entries]
-    layers = tuple(layer(p, s) for p, s in zip(packs, scales, strict=True))
-    return norms[0], norms[1], layers, mlp, (packs, scales)  # the last item keeps the pointed-to tensors alive
+    layers = tuple(block_kernel.int8_layer(p, s) for p, s in zip(packs, scales, strict=True))
+    return ln[0], ln[1], layers, mlp, (packs, scales)  # the last item keeps the pointed-to tensors alive

@@ -116,7 +116,7 @@ class _KernelPack:
 _KERNEL_PACKS = DerivedWeights(lambda weight: _KernelPack())
 
 
-def _kernel_packed(weight: torch.Tensor, panel: int) -> torch.Tensor | None:
+def kernel_packed(weight: torch.Tensor, panel: int) -> torch.Tensor | None:
     """``weight`` packed for the path of ``panel`` columns, or None (an inference tensor: no cache). A pack
     of the other layout (the AVX-512 path switched on or off since) is replaced, never used."""
     entry = _KERNEL_PACKS.get(weight)
@@ -138,7 +138,7 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ac
     panel = _C.linear_panel_width()
     if M > KERNEL_MAX_ROWS.get(panel, 0):
         return None
-    packed = _kernel_packed(weight, panel)
+    packed = kernel_packed(weight, panel)
     if packed is None:
         return None
     x2 = unit_last(x2)

@@ -9,6 +9,7 @@ from . import linear_bf16
 from .attention import attention  # first import of .common: ImportError where the kernels cannot run
 from .bias_act import bias_act
 from .conv2d_act import conv2d_act
+from .encoder_block import encoder_block
 from .layer_norm import layer_norm
 from .normalize_project import normalize_project
 from .rotary import rotary
@@ -33,4 +34,4 @@ def op_table() -> dict:
     """{op name: C++-backed op} for the dispatcher (ops not listed here run the reference)."""
     return {"attention": attention, "layer_norm": layer_norm, "bias_act": bias_act,
             "normalize_project": normalize_project, "linear": linear, "linear_act": linear_act,
-            "rotary": rotary, "conv2d_act": conv2d_act}
+            "rotary": rotary, "conv2d_act": conv2d_act, "encoder_block": encoder_block}
