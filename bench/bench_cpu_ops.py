@@ -225,7 +225,7 @@ def test_vit_b32_image_tower(benchmark, b32_models, impl):
         fc.set_backend(impl.split("-")[0])
         if impl == "cpp-F.linear":
             fc.ops = dataclasses.replace(fc.ops, linear=ref.linear,
-                                         linear_act=compose_linear_act(ref.linear, fc.ops.bias_act))
+                                         linear_act=compose_linear_act(ref.linear, fc.ops.bias_act), encoder_block=None)
         fn = lambda: fc.encode_image(pixels)  # noqa: E731
     _run(benchmark, "ViT-B-32 image tower, batch 32", impl, fn, rounds=5)
     if _mean(benchmark):

@@ -53,7 +53,12 @@ def _decoder(method, items: list, on_error: str, raw: bool, max_image_pixels: in
 
 def _prefetched(spans: list, prepare):
     """(span, prepare(span)) for each span in turn; the next span is prepared in a thread (image decoding)
-    while the caller works on this one."""
+    while the caller works on this one. A single span has nothing to overlap and is prepared in the caller's
+    thread: no thread is started, and the resize's torch ops run on the caller's OpenMP team instead of
+    starting a second one beside the encoder's."""
+    if len(spans) == 1:
+        yield spans[0], prepare(spans[0])
+        return
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(prepare, spans[0]) if spans else None
         for i, span in enumerate(spans):

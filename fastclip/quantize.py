@@ -85,9 +85,11 @@ def smoothing_scale(x_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) 
 
 @contextlib.contextmanager
 def _tapped(model, linear: Callable):
-    """Run ``model``'s fp32 ops with ``linear`` in place of the table's own."""
+    """Run ``model``'s fp32 ops with ``linear`` in place of the table's own (and no fused block, which would
+    run its layers without calling ``linear``)."""
     ops = model.ops
-    model.ops = dataclasses.replace(ops, linear=linear, linear_act=compose_linear_act(linear, ops.bias_act))
+    model.ops = dataclasses.replace(ops, linear=linear, linear_act=compose_linear_act(linear, ops.bias_act),
+                                    encoder_block=None)
     try:
         yield ops.linear
     finally:

@@ -61,6 +61,28 @@ def test_batch_size_does_not_change_results(model, images):
                                    atol=tolerance.SAME_MODEL_ATOL)
 
 
+def test_one_batch_is_prepared_in_the_callers_thread(model, images, monkeypatch):
+    """Decoding overlaps encoding only when there is a next batch: one batch starts no thread."""
+    import fastclip.embed as embed
+
+    pools = []
+    real = embed.ThreadPoolExecutor
+
+    def counted(*args, **kwargs):
+        pools.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embed, "ThreadPoolExecutor", counted)
+    paths, _ = images
+    one = model.embed_images(paths, batch_size=len(paths))
+    assert not pools
+    several = model.embed_images(paths, batch_size=1)
+    assert pools == [1]
+    np.testing.assert_allclose(one, several, atol=tolerance.SAME_MODEL_ATOL)
+    with pytest.raises(ItemError):  # a bad item still raises from the caller's thread
+        model.embed_images([paths[0], b"not an image"], batch_size=8)
+
+
 def test_bad_image_names_item_and_skip_keeps_the_rest(model, images, tmp_path):
     paths, pils = images
     corrupt = tmp_path / "corrupt.jpg"

@@ -63,6 +63,8 @@ class OpTable:
     # A fused op a table may have (None where it has none; not in OP_NAMES): one pre-norm transformer block,
     # ``encoder_block(x, pending, weights, causal, key_mask) -> (s, m)`` or None for arguments it does not take,
     # the model then composing the block from the ops above (fastclip/models/transformer.py apply_split).
+    # It runs its own layers: a table made by replacing ``linear`` / ``layer_norm`` / ``attention`` must set it
+    # to None (or to a fused op of its own), as the int8 table and the calibration tap do.
     encoder_block: Callable | None = None
 
 

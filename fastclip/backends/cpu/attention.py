@@ -33,7 +33,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """
     if not upcast and native(q, k, v, dtype=torch.bfloat16):
         return _bf16(q, k, v, causal, key_mask, rotary)
-    bf16_dots = bool(bf16_dots) and not upcast and _C.attention_bf16_supported()
+    bf16_dots = bool(bf16_dots) and not upcast and bf16_dots_supported()
     lengths = None if key_mask is None or k.ndim != 4 else prefix_lengths(key_mask, k.shape[0], k.shape[2])
     angles = None if rotary is None else _angles(rotary, q, k)
     fallback = dict(causal=causal, upcast=upcast, key_mask=key_mask, rotary=rotary)
