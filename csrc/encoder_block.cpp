@@ -49,11 +49,11 @@ struct Linear {
   }
 };
 
-void encoder_block(Linear run_linear, const float* x, const float* pending, float* s_out, float* m_out, float* scratch, int64_t B,
-                        int64_t L, int64_t W, int64_t H, int64_t mlp, const float* ln1_w, const float* ln1_b,
-                        float ln1_eps, const float* ln2_w, const float* ln2_b, float ln2_eps, const Layer& qkv,
-                        const Layer& out, const Layer& fc, const Layer& proj, int act, bool causal,
-                        const int32_t* key_lengths, bool bf16_dots) {
+void encoder_block(Linear run_linear, const float* x, const float* pending, float* s_out, float* m_out,
+                   float* scratch, int64_t B, int64_t L, int64_t W, int64_t H, int64_t mlp, const float* ln1_w,
+                   const float* ln1_b, float ln1_eps, const float* ln2_w, const float* ln2_b, float ln2_eps,
+                   const Layer& qkv, const Layer& out, const Layer& fc, const Layer& proj, int act, bool causal,
+                   const int32_t* key_lengths, bool bf16_dots) {
   const int64_t M = B * L, Dh = W / H, wide = std::max(4 * W, mlp);
   float* y = scratch;          // (M, W): LN_1(s), later LN_2(s)
   float* h = y + M * W;        // (M, W): the attention's output projection
@@ -83,8 +83,8 @@ void encoder_block(Linear run_linear, const float* x, const float* pending, floa
 void bind_encoder_block(py::module_& m) {
   m.def(
       "encoder_block",
-      [](bool int8, uintptr_t x, uintptr_t pending, uintptr_t s_out, uintptr_t m_out, uintptr_t scratch, int64_t B, int64_t L,
-         int64_t W, int64_t H, int64_t mlp, uintptr_t ln1_w, uintptr_t ln1_b, float ln1_eps, uintptr_t ln2_w,
+      [](bool int8, uintptr_t x, uintptr_t pending, uintptr_t s_out, uintptr_t m_out, uintptr_t scratch, int64_t B,
+         int64_t L, int64_t W, int64_t H, int64_t mlp, uintptr_t ln1_w, uintptr_t ln1_b, float ln1_eps, uintptr_t ln2_w,
          uintptr_t ln2_b, float ln2_eps, Layer qkv, Layer out, Layer fc, Layer proj, int act, bool causal,
          uintptr_t key_lengths, bool bf16_dots) {
         if (B <= 0 || L <= 0 || H <= 0 || W <= 0 || W % H || mlp <= 0)
@@ -102,15 +102,16 @@ void bind_encoder_block(py::module_& m) {
           throw std::invalid_argument("encoder_block: bf16_dots needs AVX512-BF16");
         py::gil_scoped_release release;
         encoder_block(Linear{int8}, at<float>(x), at<float>(pending), reinterpret_cast<float*>(s_out),
-                           reinterpret_cast<float*>(m_out), reinterpret_cast<float*>(scratch), B, L, W, H, mlp,
-                           at<float>(ln1_w), at<float>(ln1_b), ln1_eps, at<float>(ln2_w), at<float>(ln2_b), ln2_eps,
-                           qkv, out, fc, proj, act, causal, at<int32_t>(key_lengths), bf16_dots);
+                      reinterpret_cast<float*>(m_out), reinterpret_cast<float*>(scratch), B, L, W, H, mlp,
+                      at<float>(ln1_w), at<float>(ln1_b), ln1_eps, at<float>(ln2_w), at<float>(ln2_b), ln2_eps, qkv,
+                      out, fc, proj, act, causal, at<int32_t>(key_lengths), bf16_dots);
       },
       py::kw_only(),  // every argument by name: a swapped integer must not become a pointer
-      py::arg("int8"), py::arg("x"), py::arg("pending"), py::arg("s_out"), py::arg("m_out"), py::arg("scratch"), py::arg("B"),
-      py::arg("L"), py::arg("W"), py::arg("H"), py::arg("mlp"), py::arg("ln1_w"), py::arg("ln1_b"), py::arg("ln1_eps"),
-      py::arg("ln2_w"), py::arg("ln2_b"), py::arg("ln2_eps"), py::arg("qkv"), py::arg("out"), py::arg("fc"),
-      py::arg("proj"), py::arg("act"), py::arg("causal"), py::arg("key_lengths") = 0, py::arg("bf16_dots") = false,
+      py::arg("int8"), py::arg("x"), py::arg("pending"), py::arg("s_out"), py::arg("m_out"), py::arg("scratch"),
+      py::arg("B"), py::arg("L"), py::arg("W"), py::arg("H"), py::arg("mlp"), py::arg("ln1_w"), py::arg("ln1_b"),
+      py::arg("ln1_eps"), py::arg("ln2_w"), py::arg("ln2_b"), py::arg("ln2_eps"), py::arg("qkv"), py::arg("out"),
+      py::arg("fc"), py::arg("proj"), py::arg("act"), py::arg("causal"), py::arg("key_lengths") = 0,
+      py::arg("bf16_dots") = false,
       "One pre-norm transformer block (csrc/encoder_block.cpp): s_out = x [+ pending] + attention output, "
       "m_out = the MLP output, both (B * L, W) fp32; layers as int8 (packed, w_scale, colsum, bias, x_scale) or "
       "fp32 (packed, panel, bias, 0, 0) pointers; scratch (B * L, 2W + max(4W, mlp)) fp32.");

@@ -35,8 +35,7 @@ def linear_int8_set_vnni(on: bool) -> bool: ...
 def linear_int8(*, x: int, sx: int, packed: int, w_scale: int, colsum: int, bias: int, y: int, sy: int, M: int, N: int,
                 K: int, act: int, x_scale: int = 0) -> None: ...
 def encoder_block(*, int8: bool, x: int, pending: int, s_out: int, m_out: int, scratch: int, B: int, L: int, W: int,
-                  H: int, mlp: int, ln1_w: int, ln1_b: int, ln1_eps: float, ln2_w: int, ln2_b: int,
-                  ln2_eps: float,
+                  H: int, mlp: int, ln1_w: int, ln1_b: int, ln1_eps: float, ln2_w: int, ln2_b: int, ln2_eps: float,
                   qkv: tuple[int, int, int, int, int], out: tuple[int, int, int, int, int],
                   fc: tuple[int, int, int, int, int], proj: tuple[int, int, int, int, int], act: int,
                   causal: bool, key_lengths: int = 0, bf16_dots: bool = False) -> None: ...

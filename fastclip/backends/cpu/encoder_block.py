@@ -87,6 +87,10 @@ def encoder_block(x: torch.Tensor, pending: torch.Tensor | None, blk, causal: bo
     panel = _C.linear_panel_width()
     if B * L > fp32_linear.KERNEL_MAX_ROWS.get(panel, 0):
         return None
+    mlp = blk.fc[0].shape[0]
+    shapes = (blk.in_proj[0].shape, blk.out_proj[0].shape, blk.fc[0].shape, blk.proj[0].shape)
+    if shapes != ((3 * W, W), (W, W), (mlp, W), (W, mlp)) or W % blk.heads:
+        return None
     layers = []
     for weight, bias in (blk.in_proj, blk.out_proj, blk.fc, blk.proj):
         if (weight.ndim != 2 or not native(weight, bias)
@@ -97,10 +101,6 @@ def encoder_block(x: torch.Tensor, pending: torch.Tensor | None, blk, causal: bo
         if packed is None:
             return None
         layers.append((packed.data_ptr(), panel, ptr(bias), 0, 0))
-    mlp = blk.fc[0].shape[0]
-    shapes = (blk.in_proj[0].shape, blk.out_proj[0].shape, blk.fc[0].shape, blk.proj[0].shape)
-    if shapes != ((3 * W, W), (W, W), (mlp, W), (W, mlp)) or W % blk.heads:
-        return None
     ln = norms(blk, W)
     if ln is None:
         return None
