@@ -28,10 +28,9 @@
 // tile a share of it, spread evenly over its k loop), so the next chunk is waiting when they get there.
 // Inside ViT-B-32 at batch 1 (50 rows, 340 MB of weights streamed per image) this is the difference
 // between about 0.61 of the sgemm rate (MKL's packed GEMM) and 0.87 (bench/bench_cpu_ops.py, streamed;
-// AVX-512 path, Intel Xeon with AVX-512). The AVX2 path, forced on that machine with MKL held to AVX2
-// (.ci/emulate-avx2), runs the same stack at par with MKL's packed GEMM up to M = 100 (1.00-1.02x at M =
-// 1, 50, 100; 1.22x at 16) and behind above (0.92x at 128, 0.78x at 400): the limits of both paths are
-// in fastclip/backends/cpu/linear.py.
+// AVX-512 path, Intel Xeon with AVX-512). The AVX2 path, forced on a Zen 4 with oneDNN held to AVX2
+// (.ci/emulate-avx2), runs the same stack at 1.14x oneDNN's rate at M = 50 and at par at 197: the limits
+// of both paths are in fastclip/backends/cpu/linear.py.
 //
 // Each output element is summed by one thread in one order (k ascending, one FMA chain), so results do
 // not depend on the thread count -- nor on the path: both paths compute every output bit for bit alike.

@@ -9,13 +9,13 @@ The GEMM is chosen by the number of rows M of x (tokens x batch):
   by only a few row tiles, so streaming it from memory is what limits MKL here: over a 12-layer ViT-B
   stack at M = 50 (340 MB of weights, streamed from memory as in the model) the AVX-512 path reaches about
   0.87 of the sgemm rate against 0.61 for MKL's packed GEMM (bench/bench_cpu_ops.py, the streamed-weights
-  group; Intel Xeon with AVX-512). The AVX2 path, forced on that machine under .ci/emulate-avx2 (MKL held
-  to AVX2 too), is at par with MKL's packed GEMM on the same stack up to M = 100 and behind above: kernel
-  speed / MKL's 1.00 at M = 1, 1.22 at 16, 1.02 at 50, 1.00 at 100, 0.92 at 128, 0.94 at 197, 0.78 at 400
-  (one run, rounds interleaved, CPU time per round on 2 shared cores; other runs 0.88-0.92 at 50, 0.81-0.87
-  at 128). Hence its own limit, 100 rows (ViT-B-32 at batch 1-2, the text tower at batch 1). This is MKL
-  as it runs on an Intel core; on AMD CPUs it does worse at small M (fastclip's ViT-B-32 at batch 1 on a
-  2-core Zen 3 with every linear on MKL: 183 ms, ONNX Runtime 90 ms), which the emulation cannot show.
+  group; Intel Xeon with AVX-512). The AVX2 path, forced on a 2-core Zen 4 under .ci/emulate-avx2 (oneDNN,
+  the large-M GEMM there, held to AVX2 too), runs the same stack at 1.14x oneDNN's rate at M = 50 (173
+  against 151 GFLOP/s), 1.10x at 100, 0.99x at 197 and 1.02x at 400, and at 0.90-0.95 of its own AVX-512
+  path with the weights hot (0.74 before its inner step was written in asm: csrc/linear_avx2.h). Hence
+  the same limit on both paths, 128 rows (ViT-B-32 at batch 1-2, the text tower at batch 1). MKL on AMD
+  CPUs does worse at small M (fastclip's ViT-B-32 at batch 1 on a 2-core Zen 3 with every linear on MKL:
+  183 ms, ONNX Runtime 90 ms).
   ``linear_act`` applies the bias and the activation in the kernel's epilogue -- the same code as
   ``bias_act`` -- so the MLP's hidden layer is written once.
 * Larger M (``LARGE_GEMM``; ``FASTCLIP_LARGE_GEMM=mkl|onednn`` overrides the choice): on Intel CPUs MKL's
@@ -54,8 +54,8 @@ KERNEL_AVAILABLE = _C.linear_supported()
 _KERNEL = KERNEL_AVAILABLE and _PACKING
 # Rows up to which the kernel runs, per path (its panel width, _C.linear_panel_width()), from the streamed
 # 12-layer ViT-B stack (module docstring): AVX-512 leads MKL by 1.4x at M = 50 and 1.04x at M = 100, MKL
-# leads from M = 200; AVX2 (against MKL held to AVX2) is at par up to M = 100, behind from M = 128.
-KERNEL_MAX_ROWS = {32: 128, 16: 100}
+# leads from M = 200; AVX2 (against oneDNN held to AVX2) leads by 1.14x at M = 50 and 1.10x at 100, at par at 197.
+KERNEL_MAX_ROWS = {32: 128, 16: 128}
 LARGE_GEMMS = ("mkl", "onednn")
 
 
