@@ -67,9 +67,8 @@ void tile(int64_t kc, const float* A, const float* panel, const float* bias, flo
     const __m256 b0 = _mm256_loadu_ps(panel + kNR2 * k), b1 = _mm256_loadu_ps(panel + kNR2 * k + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-      // c0[r] += a b0, c1[r] += a b1 with a = A[k MR + r] broadcast, as _mm256_fmadd_ps(a, b, c) rounds it.
-      // In asm so that each accumulator keeps its register: GCC's own allocation of the intrinsics spills
-      // accumulators and moves them between registers (about 0.7x the FMA rate).
+      // c0[r] += a b0, c1[r] += a b1 with a = A[k MR + r] broadcast, as _mm256_fmadd_ps(a, b, c) rounds it;
+      // in asm so that each accumulator keeps its register (the header says why).
       asm("vbroadcastss %[a], %%ymm15\n\t"
           "vfmadd231ps %[b0], %%ymm15, %[c0]\n\t"
           "vfmadd231ps %[b1], %%ymm15, %[c1]"
